@@ -1,0 +1,175 @@
+"""T5-style attention: relative position buckets, masks, multi-head attention.
+
+Notation: B batch, Q query length, T key length, N heads, D head dim, M model
+dim. Attention has no biases and no 1/sqrt(D) scaling of the logits: as in
+T5, the scaling is folded into the query initialisation instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Added to masked logits; finite so a fully masked row (a padding query)
+# gives a uniform softmax rather than NaN.
+_MASK_VALUE = -1e10
+# Std of a standard normal truncated to [-2, 2]; dividing by it makes the
+# truncated draw have the requested std (as jax's variance_scaling does).
+_TRUNC_STD = 0.87962566103423978
+
+
+def truncated_normal_init(std: float) -> jax.nn.initializers.Initializer:
+  """Truncated normal in [-2 std, 2 std] whose actual std is `std`."""
+  return jax.nn.initializers.truncated_normal(stddev=std / _TRUNC_STD)
+
+
+def make_param(init, rngs: nnx.Rngs, shape, names) -> nnx.Param:
+  """An f32 parameter tagged with logical axis names (`out_sharding`).
+
+  The names are not applied at creation (eager_sharding=False): the
+  partitioning code maps them to mesh axes with logical axis rules.
+  """
+  return nnx.Param(init(rngs.params(), shape, jnp.float32),
+                   out_sharding=names, eager_sharding=False)
+
+
+def dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """nnx.Dropout drawing from a fork of the 'dropout' stream when rate > 0."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+  return nnx.Dropout(rate, rngs=rngs["dropout"].fork() if rate > 0 else None)
+
+
+def relative_position_bucket(relative_position: jax.Array, *,
+                             bidirectional: bool, num_buckets: int = 32,
+                             max_distance: int = 128) -> jax.Array:
+  """T5's `_relative_position_bucket` (Raffel et al. 2020, mesh_tensorflow).
+
+  relative_position = key position - query position, i32[...]. Half of the
+  buckets (of each direction if bidirectional) hold exact offsets 0..n-1, the
+  rest grow logarithmically up to max_distance; farther offsets share the
+  last bucket. Unidirectional (causal) attention maps every future offset
+  (key after query) to bucket 0.
+  Returns i32[...] in [0, num_buckets).
+  """
+  ret = jnp.zeros_like(relative_position, dtype=jnp.int32)
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  val_if_large = max_exact + (
+      jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
+      / math.log(max_distance / max_exact)
+      * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nnx.Module):
+  """A learned scalar per (bucket, head), added to the attention logits.
+
+  T5 keeps one table per stack and shares it across the stack's layers.
+  """
+
+  def __init__(self, num_buckets: int, num_heads: int, max_distance: int, *,
+               bidirectional: bool, init_scale: float = 1.0,
+               rngs: nnx.Rngs):
+    self.num_buckets = num_buckets
+    self.max_distance = max_distance
+    self.bidirectional = bidirectional
+    # T5X: variance_scaling(1.0, 'fan_avg', 'uniform'), here times init_scale.
+    init = jax.nn.initializers.variance_scaling(init_scale, "fan_avg", "uniform")
+    self.embedding = make_param(init, rngs, (num_buckets, num_heads),
+                                ("relpos_buckets", "heads"))
+
+  def __call__(self, query_positions: jax.Array,
+               key_positions: jax.Array) -> jax.Array:
+    """i32[B, Q], i32[B, T] (B may be 1) -> f32[B, N, Q, T]."""
+    rel = key_positions[:, None, :] - query_positions[:, :, None]  # [B, Q, T]
+    buckets = relative_position_bucket(
+        rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+        max_distance=self.max_distance)
+    bias = jnp.take(self.embedding[...], buckets, axis=0)  # [B, Q, T, N]
+    return jnp.transpose(bias, (0, 3, 1, 2))
+
+
+def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array, *,
+                        causal: bool = False,
+                        query_segment_ids: Optional[jax.Array] = None,
+                        key_segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """Which keys each query may attend to.
+
+  query_valid: bool[B, Q], key_valid: bool[B, T] (False = padding).
+  causal: query i sees keys j <= i (by index, as T5X; within a packed
+    segment index order is position order, and segment ids cut the rest).
+  *_segment_ids: i32[B, Q] / i32[B, T]; queries see keys of their own segment.
+  Returns bool[B, 1, Q, T].
+  """
+  mask = query_valid[:, :, None] & key_valid[:, None, :]
+  if causal:
+    q_idx = jnp.arange(query_valid.shape[1])
+    k_idx = jnp.arange(key_valid.shape[1])
+    mask &= (k_idx[None, :] <= q_idx[:, None])[None]
+  if query_segment_ids is not None and key_segment_ids is not None:
+    mask &= query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+  return mask[:, None]
+
+
+class MultiHeadAttention(nnx.Module):
+  """T5 multi-head dot-product attention: no biases, no logit scaling.
+
+  Params (f32): query/key/value [M, N, D], out [N, D, M]. Inits are truncated
+  normal with std sqrt(init_scale / fan_in), the query's further scaled by
+  D^-0.5 (T5's folded 1/sqrt(D)): std sqrt(init_scale / (M * D)).
+  """
+
+  def __init__(self, d_model: int, num_heads: int, head_dim: int, *,
+               dropout_rate: float = 0.0, init_scale: float = 1.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    in_shape = (d_model, num_heads, head_dim)
+    in_names = ("embed", "heads", "kv")
+    self.query = make_param(
+        truncated_normal_init(math.sqrt(init_scale / (d_model * head_dim))),
+        rngs, in_shape, in_names)
+    kv_init = truncated_normal_init(math.sqrt(init_scale / d_model))
+    self.key = make_param(kv_init, rngs, in_shape, in_names)
+    self.value = make_param(kv_init, rngs, in_shape, in_names)
+    self.out = make_param(
+        truncated_normal_init(math.sqrt(init_scale / (num_heads * head_dim))),
+        rngs, (num_heads, head_dim, d_model), ("heads", "kv", "embed"))
+    self.dropout = dropout(dropout_rate, rngs)
+
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
+               mask: Optional[jax.Array] = None,
+               bias: Optional[jax.Array] = None) -> jax.Array:
+    """Attention of inputs_q [B, Q, M] over inputs_kv [B, T, M].
+
+    mask: bool[B, 1|N, Q, T], False = may not attend.
+    bias: f32[B|1, N, Q, T] added to the logits (relative positions).
+    Returns [B, Q, M] in `dtype`.
+    """
+    dt = self.dtype
+    xq, xkv = inputs_q.astype(dt), inputs_kv.astype(dt)
+    q = jnp.einsum("BQM,MND->BQND", xq, self.query[...].astype(dt))
+    k = jnp.einsum("BTM,MND->BTND", xkv, self.key[...].astype(dt))
+    v = jnp.einsum("BTM,MND->BTND", xkv, self.value[...].astype(dt))
+    # Logits and softmax in f32: bf16 logits lose the small bias differences.
+    logits = jnp.einsum("BQND,BTND->BNQT", q, k,
+                        preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    if mask is not None:
+      logits = jnp.where(mask, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    probs = self.dropout(probs)
+    ctx = jnp.einsum("BNQT,BTND->BQND", probs, v)
+    return jnp.einsum("BQND,NDM->BQM", ctx, self.out[...].astype(dt))

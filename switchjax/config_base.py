@@ -1,0 +1,93 @@
+"""The one config schema every experiment file starts from.
+
+Experiment files (experiments/*.py) call `base_config()` and change what their
+paper changes; every key a user can override on the command line exists here,
+so a typo in `--config.moe.num_experst=8` fails loudly (ml_collections refuses
+unknown keys).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # T5.1.1-style Transformer.
+  c.model = m = ml_collections.ConfigDict()
+  m.arch = "encoder_decoder"  # or "decoder_only"
+  m.vocab_size = 32128  # replaced by the vocabulary's size when smaller
+  m.d_model = 768
+  m.num_heads = 12
+  m.head_dim = 64  # T5's d_kv
+  m.d_ff = 2048
+  m.num_encoder_layers = 12
+  m.num_decoder_layers = 12  # also the layer count of decoder_only
+  m.activation = "gated_gelu"  # "relu" (T5, Switch paper) or "gated_gelu" (T5.1.1)
+  m.dropout_rate = 0.1
+  m.tie_embeddings = False  # T5.1.1 unties input embedding and output logits
+  m.relative_attention_num_buckets = 32
+  m.relative_attention_max_distance = 128
+  m.dtype = "bfloat16"  # activations / matmuls; params are always float32
+  m.init_scale = 1.0  # Switch §2.4 uses 0.1 for every weight
+  m.remat = "none"  # "none" | "full" | "experts": jax.checkpoint policy per block
+
+  # Sparse layers. num_experts = 0 is the dense model.
+  c.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 0
+  e.sparse_every = 2  # FFN of every N-th layer is an MoE (1 = every layer)
+  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk
+  e.encoder_router = ""  # "" = same as `router`; e.g. expert_choice in the encoder
+  e.decoder_router = ""
+  e.num_selected = 1  # K for topk / noisy_topk (switch: 1, gshard: 2)
+  e.train_capacity_factor = 1.25
+  e.eval_capacity_factor = 2.0
+  e.min_capacity = 4
+  e.group_size = 1024  # tokens per routing group (S)
+  e.aux_loss_coef = 0.01
+  e.z_loss_coef = 0.0
+  e.router_jitter = 0.0  # multiplicative U(1-eps, 1+eps) on router inputs, training only
+  e.router_dtype = "float32"  # "bfloat16" only to reproduce the instability ablation
+  e.router_init_std = 0.02
+  e.second_expert_policy = "all"  # gshard: "all" | "random"
+  e.normalize_weights = True  # topk: renormalise the K weights to sum to 1
+  e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
+  e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
+  e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
+  e.dispatch = "fast"  # "fast" (gather/scatter) | "einsum" (GShard one-hot reference)
+  e.expert_parallel = "gspmd"  # "gspmd" | "shard_map"
+
+  # Device mesh ('data', 'expert', 'model'); -1 takes the devices left over.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.expert = 1
+  c.mesh.model = 1
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "bundled"  # the bundled corpus, or a tfds name such as "c4/en:3.1.0"
+  d.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
+  d.vocab_path = ""  # "" = the bundled SentencePiece model; T5: .../cc_all.32000/sentencepiece.model
+  d.inputs_length = 512  # encoder length (span corruption inputs)
+  d.targets_length = 114  # decoder length; 114 targets for 512 inputs at 15% noise
+  d.noise_density = 0.15
+  d.mean_noise_span_length = 3.0
+  d.seq_length = 512  # decoder_only sequence length
+  d.shuffle_seed = 0
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 524288  # 2^19 as the Switch paper's pre-training
+  t.batch_size = 256  # global, in sequences
+  t.optimizer = "adafactor"  # "adafactor" | "adamw"
+  t.learning_rate = 0.01  # rsqrt: lr = learning_rate * rsqrt(max(step, warmup)) * sqrt(warmup)
+  t.schedule = "rsqrt"  # rsqrt | constant | cosine
+  t.warmup_steps = 10000
+  t.weight_decay = 0.0
+  t.grad_clip = 0.0  # global-norm clipping; 0 = off
+  t.label_smoothing = 0.0
+  t.logits_z_loss = 1e-4  # T5's output-logit z-loss (not the router's)
+  t.log_every = 100
+  t.eval_every = 1000
+  t.eval_steps = 20
+  t.checkpoint_every = 1000
+  t.max_to_keep = 3
+  t.nan_policy = "stop"  # "stop" | "skip"
+  return c

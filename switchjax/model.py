@@ -1,0 +1,384 @@
+"""T5.1.1-style Transformer (encoder-decoder or decoder-only) with sparse FFNs.
+
+Notation: B batch, L length (Li encoder, Lt decoder), M model dim, V vocab,
+E experts. Pre-norm layers (T5's RMS LayerNorm: scale only), relative position
+biases shared across a stack's layers, dropout on the embeddings, after every
+sublayer and after the final norm. Layer i (0-based) of a stack has an MoE
+FFN iff moe.num_experts > 0 and (i + 1) % moe.sparse_every == 0, so Switch's
+sparse_every=2 makes layers 1, 3, 5, ... sparse.
+
+Params are float32; activations and matmuls run in model.dtype and the
+logits come out in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from switchjax import attention
+from switchjax import moe as moe_lib
+from switchjax import routing as routing_lib
+
+ARCHS = ("encoder_decoder", "decoder_only")
+REMATS = ("none", "full", "experts")
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# Routers whose token order decides nothing about earlier tokens; expert
+# choice and batch-prioritised routing let later tokens evict earlier ones.
+_NON_CAUSAL_ROUTERS = ("expert_choice",)
+
+
+@flax.struct.dataclass
+class ModelAux:
+  """Side outputs of a forward pass, summarised over the MoE layers.
+
+  aux_loss: f32[] mean over MoE layers of the unscaled load-balancing losses
+    (0 for a dense model).
+  z_loss: f32[] mean over MoE layers of the unscaled router z-losses.
+  metrics: RouterMetrics with a leading [N] axis over the N MoE layers
+    (dropped_fraction f32[N], expert_load f32[N, E], router_confidence f32[N],
+    router_entropy f32[N]); None for a dense model.
+  layer_names: static names of those layers, e.g. 'encoder/layer_1'.
+  """
+  aux_loss: jax.Array
+  z_loss: jax.Array
+  metrics: Optional[routing_lib.RouterMetrics]
+  layer_names: tuple[str, ...] = flax.struct.field(pytree_node=False,
+                                                   default=())
+
+
+def to_dtype(name: str) -> Any:
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; expected one of {tuple(DTYPES)}.")
+  return DTYPES[name]
+
+
+def is_sparse_layer(index: int, num_experts: int, sparse_every: int) -> bool:
+  """Whether layer `index` (0-based) of a stack gets an MoE FFN."""
+  return num_experts > 0 and (index + 1) % sparse_every == 0
+
+
+def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
+  """The router of the 'encoder' or 'decoder' stack (decoder_only uses 'decoder')."""
+  return moe_config.get(f"{stack}_router") or moe_config.router
+
+
+def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
+  """Config -> MoeLayer keyword arguments for the given stack."""
+  m, e = config.model, config.moe
+  router = stack_router(e, stack)
+  if stack == "decoder":
+    if router in _NON_CAUSAL_ROUTERS:
+      raise ValueError(
+          f"router {router!r} cannot be used in the decoder: each expert picks "
+          "its tokens from the whole group, so later tokens decide what earlier "
+          "ones get (future tokens leak). Use it via moe.encoder_router only.")
+    if e.batch_prioritized:
+      raise ValueError(
+          "moe.batch_prioritized cannot be used with a decoder: slots are "
+          "claimed in order of gate value, so later tokens can evict earlier "
+          "ones (future tokens leak).")
+  return dict(
+      num_experts=e.num_experts, router=router, num_selected=e.num_selected,
+      train_capacity_factor=e.train_capacity_factor,
+      eval_capacity_factor=e.eval_capacity_factor,
+      min_capacity=e.min_capacity, group_size=e.group_size,
+      activation=m.activation, expert_dropout=e.expert_dropout,
+      router_jitter=e.router_jitter, router_dtype=to_dtype(e.router_dtype),
+      router_init_std=e.router_init_std,
+      second_expert_policy=e.second_expert_policy,
+      normalize_weights=e.normalize_weights,
+      batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
+      init_scale=m.init_scale, dtype=to_dtype(m.dtype))
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  m, e = config.model, config.moe
+  if m.arch not in ARCHS:
+    raise ValueError(f"Unknown model.arch {m.arch!r}; expected one of {ARCHS}.")
+  if m.remat not in REMATS:
+    raise ValueError(f"Unknown model.remat {m.remat!r}; expected one of {REMATS}.")
+  for key in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+              "num_decoder_layers", "relative_attention_num_buckets",
+              "relative_attention_max_distance"):
+    if m[key] < 1:
+      raise ValueError(f"model.{key} must be >= 1, got {m[key]}.")
+  if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
+    raise ValueError(
+        f"model.num_encoder_layers must be >= 1, got {m.num_encoder_layers}.")
+  if m.init_scale <= 0:
+    raise ValueError(f"model.init_scale must be > 0, got {m.init_scale}.")
+  if e.num_experts < 0:
+    raise ValueError(f"moe.num_experts must be >= 0, got {e.num_experts}.")
+  if e.num_experts > 0 and e.sparse_every < 1:
+    raise ValueError(f"moe.sparse_every must be >= 1, got {e.sparse_every}.")
+  to_dtype(m.dtype)
+
+
+def _remat_call(module: nnx.Module, *args):
+  """module(*args), its activations recomputed in the backward pass."""
+  return nnx.remat(lambda mod, *a: mod(*a))(module, *args)
+
+
+class TransformerLayer(nnx.Module):
+  """Pre-norm self-attention, optional cross-attention, then a dense or MoE FFN."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, cross_attention: bool,
+               moe_kwargs: Optional[dict], rngs: nnx.Rngs):
+    m = config.model
+    dtype = to_dtype(m.dtype)
+
+    def norm():
+      return nnx.RMSNorm(m.d_model, epsilon=1e-6, dtype=dtype,
+                         scale_metadata={"out_sharding": ("embed",),
+                                         "eager_sharding": False},
+                         rngs=rngs)
+
+    def attn():
+      return attention.MultiHeadAttention(
+          m.d_model, m.num_heads, m.head_dim, dropout_rate=m.dropout_rate,
+          init_scale=m.init_scale, dtype=dtype, rngs=rngs)
+
+    self.pre_self_attention_norm = norm()
+    self.self_attention = attn()
+    self.pre_cross_attention_norm = norm() if cross_attention else None
+    self.cross_attention = attn() if cross_attention else None
+    self.pre_mlp_norm = norm()
+    self.sparse = moe_kwargs is not None
+    if self.sparse:
+      d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
+      self.mlp = moe_lib.MoeLayer(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
+    else:
+      self.mlp = moe_lib.MlpBlock(
+          m.d_model, m.d_ff, activation=m.activation, dropout=m.dropout_rate,
+          init_scale=m.init_scale, dtype=dtype, rngs=rngs)
+    self.remat_mlp = self.sparse and m.remat == "experts"
+    self.dropout = attention.dropout(m.dropout_rate, rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array,
+               encoded: Optional[jax.Array] = None,
+               cross_mask: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, Optional[moe_lib.MoeOutput]]:
+    """x [B, L, M] -> ([B, L, M], MoeOutput or None).
+
+    mask bool[B, 1, L, L], bias f32[B|1, N, L, L] for self-attention;
+    encoded [B, Li, M] and cross_mask bool[B, 1, L, Li] for cross-attention.
+    """
+    h = self.pre_self_attention_norm(x)
+    x = x + self.dropout(self.self_attention(h, h, mask=mask, bias=bias))
+    if self.cross_attention is not None:
+      h = self.pre_cross_attention_norm(x)
+      x = x + self.dropout(self.cross_attention(h, encoded, mask=cross_mask))
+    h = self.pre_mlp_norm(x)
+    if self.sparse:
+      y, moe_out = (_remat_call(self.mlp, h) if self.remat_mlp else self.mlp(h))
+    else:
+      y, moe_out = self.mlp(h), None
+    return x + self.dropout(y.astype(x.dtype)), moe_out
+
+
+class Stack(nnx.Module):
+  """A stack of layers with one shared relative position bias and a final norm."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, name: str,
+               num_layers: int, causal: bool, cross_attention: bool,
+               rngs: nnx.Rngs):
+    m, e = config.model, config.moe
+    self.causal = causal
+    self.remat = m.remat == "full"
+    self.relative_position_bias = attention.RelativePositionBias(
+        m.relative_attention_num_buckets, m.num_heads,
+        m.relative_attention_max_distance, bidirectional=not causal,
+        init_scale=m.init_scale, rngs=rngs)
+    sparse = [is_sparse_layer(i, e.num_experts, e.sparse_every)
+              for i in range(num_layers)]
+    kwargs = moe_layer_kwargs(config, name) if any(sparse) else None
+    self.layers = nnx.List([
+        TransformerLayer(config, cross_attention=cross_attention,
+                         moe_kwargs=kwargs if s else None, rngs=rngs)
+        for s in sparse])
+    self.moe_layer_names = tuple(
+        f"{name}/layer_{i}" for i, s in enumerate(sparse) if s)
+    self.final_norm = nnx.RMSNorm(
+        m.d_model, epsilon=1e-6, dtype=to_dtype(m.dtype),
+        scale_metadata={"out_sharding": ("embed",), "eager_sharding": False},
+        rngs=rngs)
+    self.dropout = attention.dropout(m.dropout_rate, rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array,
+               positions: Optional[jax.Array] = None,
+               encoded: Optional[jax.Array] = None,
+               cross_mask: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, list[moe_lib.MoeOutput]]:
+    """Embedded inputs x [B, L, M] -> (normed outputs [B, L, M], MoE outputs).
+
+    positions: i32[B, L] for the relative position bias (default 0..L-1).
+    """
+    if positions is None:
+      positions = jnp.arange(x.shape[1])[None]
+    bias = self.relative_position_bias(positions, positions)
+    x = self.dropout(x)
+    moe_outputs = []
+    for layer in self.layers:
+      args = (x, mask, bias, encoded, cross_mask)
+      x, moe_out = _remat_call(layer, *args) if self.remat else layer(*args)
+      if moe_out is not None:
+        moe_outputs.append(moe_out)
+    return self.dropout(self.final_norm(x)), moe_outputs
+
+
+def _summarise(moe_outputs: list[moe_lib.MoeOutput],
+               names: tuple[str, ...]) -> ModelAux:
+  if not moe_outputs:
+    zero = jnp.zeros((), jnp.float32)
+    return ModelAux(aux_loss=zero, z_loss=zero, metrics=None, layer_names=())
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_outputs)
+  return ModelAux(aux_loss=jnp.mean(stacked.aux_loss).astype(jnp.float32),
+                  z_loss=jnp.mean(stacked.z_loss).astype(jnp.float32),
+                  metrics=stacked.metrics, layer_names=names)
+
+
+class _LanguageModel(nnx.Module):
+  """Shared token embedding and output head."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    m = config.model
+    self.dtype = to_dtype(m.dtype)
+    self.tie_embeddings = m.tie_embeddings
+    # A lookup reads one weight per output (fan_in 1): std sqrt(init_scale),
+    # T5X's normal(1.0) at init_scale 1.
+    self.embedding = attention.make_param(
+        attention.truncated_normal_init(math.sqrt(m.init_scale)), rngs,
+        (m.vocab_size, m.d_model), ("vocab", "embed"))
+    self.head = None if m.tie_embeddings else attention.make_param(
+        attention.truncated_normal_init(math.sqrt(m.init_scale / m.d_model)),
+        rngs, (m.d_model, m.vocab_size), ("embed", "vocab"))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """i32[B, L] -> [B, L, M] in dtype."""
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """[B, L, M] -> f32[B, L, V]."""
+    if self.tie_embeddings:
+      # T5: the shared embedding is scaled by d_model^-0.5 as output layer.
+      w = self.embedding[...].astype(self.dtype)
+      logits = jnp.einsum("BLM,VM->BLV", x, w) * (x.shape[-1] ** -0.5)
+    else:
+      logits = jnp.einsum("BLM,MV->BLV", x, self.head[...].astype(self.dtype))
+    return logits.astype(jnp.float32)
+
+
+class EncoderDecoder(_LanguageModel):
+  """T5.1.1 encoder-decoder; the decoder cross-attends to the encoder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    m = config.model
+    self.encoder = Stack(config, name="encoder", num_layers=m.num_encoder_layers,
+                         causal=False, cross_attention=False, rngs=rngs)
+    self.decoder = Stack(config, name="decoder", num_layers=m.num_decoder_layers,
+                         causal=True, cross_attention=True, rngs=rngs)
+
+  def __call__(self, encoder_input_tokens: jax.Array,
+               decoder_input_tokens: jax.Array, *,
+               encoder_segment_ids: Optional[jax.Array] = None,
+               decoder_segment_ids: Optional[jax.Array] = None,
+               encoder_positions: Optional[jax.Array] = None,
+               decoder_positions: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, ModelAux]:
+    """i32[B, Li], i32[B, Lt] -> (logits f32[B, Lt, V], ModelAux).
+
+    Encoder padding is token id 0. Decoder inputs start with id 0 (the
+    shifted-right start token), so decoder padding comes from
+    decoder_segment_ids (0 = padding) when given; without them the causal
+    mask already hides trailing padding from every earlier position.
+    """
+    enc_valid = encoder_input_tokens > 0
+    enc_mask = attention.make_attention_mask(
+        enc_valid, enc_valid, query_segment_ids=encoder_segment_ids,
+        key_segment_ids=encoder_segment_ids)
+    encoded, enc_moe = self.encoder(
+        self.embed(encoder_input_tokens), mask=enc_mask,
+        positions=encoder_positions)
+
+    dec_valid = (decoder_segment_ids > 0 if decoder_segment_ids is not None
+                 else jnp.ones(decoder_input_tokens.shape, jnp.bool_))
+    dec_mask = attention.make_attention_mask(
+        dec_valid, dec_valid, causal=True,
+        query_segment_ids=decoder_segment_ids,
+        key_segment_ids=decoder_segment_ids)
+    cross_mask = attention.make_attention_mask(
+        dec_valid, enc_valid, query_segment_ids=decoder_segment_ids,
+        key_segment_ids=encoder_segment_ids)
+    x, dec_moe = self.decoder(
+        self.embed(decoder_input_tokens), mask=dec_mask,
+        positions=decoder_positions, encoded=encoded, cross_mask=cross_mask)
+    names = self.encoder.moe_layer_names + self.decoder.moe_layer_names
+    return self.logits(x), _summarise(enc_moe + dec_moe, names)
+
+
+class DecoderOnly(_LanguageModel):
+  """Causal language model: the decoder stack without cross-attention."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    self.decoder = Stack(config, name="decoder",
+                         num_layers=config.model.num_decoder_layers,
+                         causal=True, cross_attention=False, rngs=rngs)
+
+  def __call__(self, decoder_input_tokens: jax.Array, *,
+               decoder_segment_ids: Optional[jax.Array] = None,
+               decoder_positions: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, ModelAux]:
+    """i32[B, L] -> (logits f32[B, L, V], ModelAux); padding as EncoderDecoder's decoder."""
+    valid = (decoder_segment_ids > 0 if decoder_segment_ids is not None
+             else jnp.ones(decoder_input_tokens.shape, jnp.bool_))
+    mask = attention.make_attention_mask(
+        valid, valid, causal=True, query_segment_ids=decoder_segment_ids,
+        key_segment_ids=decoder_segment_ids)
+    x, moe_outputs = self.decoder(self.embed(decoder_input_tokens), mask=mask,
+                                  positions=decoder_positions)
+    return self.logits(x), _summarise(moe_outputs, self.decoder.moe_layer_names)
+
+
+def build_model(config: ml_collections.ConfigDict, *,
+                rngs: nnx.Rngs) -> EncoderDecoder | DecoderOnly:
+  """The model that config.model.arch names, in training mode.
+
+  rngs: 'params' for the init, 'dropout' (and optionally 'router') for the
+  training-time randomness; a plain nnx.Rngs(seed) serves all of them.
+  """
+  _check_config(config)
+  if config.model.arch == "decoder_only":
+    return DecoderOnly(config, rngs=rngs)
+  return EncoderDecoder(config, rngs=rngs)
+
+
+def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(total params, params active per token), from abstract shapes only.
+
+  Active counts each MoE layer's experts K times instead of E times (K = the
+  layer's experts per token; for expert choice the train capacity factor,
+  its average number of experts per token). The router, attention, norms,
+  embedding (once) and output head count fully.
+  """
+  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+
+  def size(node) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(node, nnx.Param)))
+
+  total = size(model)
+  active = float(total)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, moe_lib.MoeLayer):
+      k = (node.train_capacity_factor if node.router_name == "expert_choice"
+           else node.num_selected)
+      expert_params = size(node.experts)
+      active += expert_params * (k / node.num_experts - 1.0)
+  return total, int(round(active))
