@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.num_steps = 524288  # 2^19 as the Switch paper's pre-training
   t.batch_size = 256  # global, in sequences
   t.optimizer = "adafactor"  # "adafactor" | "adamw"
+  t.adafactor_decay_rate = 0.8  # second-moment decay 1 - t^-0.8 (T5X default)
+  t.adafactor_momentum = 0.0  # Adafactor beta1; 0 = no first moment (T5, Switch)
+  t.adam_b1 = 0.9  # adamw only
+  t.adam_b2 = 0.999
+  t.adam_eps = 1e-8
   t.learning_rate = 0.01  # rsqrt: lr = learning_rate * rsqrt(max(step, warmup)) * sqrt(warmup)
   t.schedule = "rsqrt"  # rsqrt | constant | cosine
   t.warmup_steps = 10000
@@ -90,4 +95,101 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000
   t.max_to_keep = 3
   t.nan_policy = "stop"  # "stop" | "skip"
+  return c
+
+
+PRESETS = ("full", "tiny")
+
+# The bundled SentencePiece model has 8000 pieces; with T5's 100 sentinels that
+# is 8100 ids, padded to a multiple of 128.
+BUNDLED_VOCAB_SIZE = 8192
+
+
+def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a paper config in place to train in minutes on a 2-core CPU.
+
+  Keeps the structure (arch, activation, router, K, capacity factors, loss
+  coefficients, sparse_every, dropout): d_model 128, <= 8 experts, enough
+  layers per stack for one sparse layer, inputs 128 / targets 32, batch 16,
+  float32, the bundled corpus and vocabulary, 300 steps.
+  """
+  m, e, d, t = c.model, c.moe, c.data, c.train
+  layers = max(2, e.sparse_every) if e.num_experts > 0 else 2
+  m.vocab_size = BUNDLED_VOCAB_SIZE
+  m.d_model = 128
+  m.num_heads = 4
+  m.head_dim = 32
+  m.d_ff = 256
+  m.num_encoder_layers = layers
+  m.num_decoder_layers = layers
+  m.dtype = "float32"
+  m.remat = "none"
+  e.num_experts = min(e.num_experts, 8)
+  e.d_ff = -1
+  e.group_size = 256  # divides both 16 * 128 encoder and 16 * 32 decoder tokens
+  c.mesh.data, c.mesh.expert, c.mesh.model = -1, 1, 1
+  d.name = "bundled"
+  d.data_dir = ""
+  d.vocab_path = ""
+  d.inputs_length = 128
+  d.targets_length = 32
+  d.seq_length = 128
+  t.batch_size = 16
+  t.num_steps = 300
+  t.learning_rate = 0.01
+  t.warmup_steps = 50
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_steps = 5
+  t.checkpoint_every = 100
+  return c
+
+
+def apply_preset(c: ml_collections.ConfigDict,
+                 preset: str | None) -> ml_collections.ConfigDict:
+  """`full` (None or "" too) returns `c` as is; `tiny` applies tiny_overrides."""
+  preset = preset or "full"
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r}; expected one of {PRESETS}.")
+  return tiny_overrides(c) if preset == "tiny" else c
+
+
+def switch_pretraining(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fedus et al. 2021's pre-training protocol, shared by Switch and its T5 baselines.
+
+  C4 span corruption, 512 inputs / 114 targets (15% noise, mean span 3; T5
+  §3.3.4); 2^20 tokens per batch (2048 x 512 inputs) for 550k steps (Switch
+  footnote 10); Adafactor with T5's rsqrt schedule, 0.01 for 10k steps (T5
+  §3.1.2); dropout 0.1 (T5's; Switch Table 4 keeps it outside the experts);
+  weights drawn with scale s = 0.1 (§2.4);
+  bfloat16 with a float32 router ("selective precision", §2.4, Table 2);
+  top-1 routing with aux 0.01 (§2.2), capacity factor 1.25 (Table 1) / 2.0
+  at eval, multiplicative input jitter on the router (appendix "Encouraging
+  Exploration Across Experts") of 1e-2, Mesh TF MoE1D's `rand_1_jitter`.
+  """
+  m, e, d, t = c.model, c.moe, c.data, c.train
+  m.vocab_size = 32128  # T5's 32k SentencePiece + 100 sentinels, padded to 128
+  m.dtype = "bfloat16"
+  m.dropout_rate = 0.1
+  m.init_scale = 0.1
+  e.router = "switch"
+  e.num_selected = 1
+  e.train_capacity_factor = 1.25
+  e.eval_capacity_factor = 2.0
+  e.aux_loss_coef = 0.01
+  e.z_loss_coef = 0.0
+  e.router_jitter = 0.01
+  e.router_dtype = "float32"
+  e.expert_dropout = 0.0  # 0.4 only when fine-tuning (Table 4)
+  d.name = "c4/en:3.1.0"
+  d.inputs_length = 512
+  d.targets_length = 114
+  d.noise_density = 0.15
+  d.mean_noise_span_length = 3.0
+  t.batch_size = 2048
+  t.num_steps = 550_000
+  t.optimizer = "adafactor"
+  t.schedule = "rsqrt"
+  t.learning_rate = 0.01
+  t.warmup_steps = 10_000
   return c

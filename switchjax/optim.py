@@ -195,7 +195,9 @@ def make_optimizer(config: ml_collections.ConfigDict
 
   train.grad_clip > 0 clips the gradients' global norm first. Weight decay is
   decoupled and multiplied by the learning rate (AdamW's convention, for both
-  optimizers), on parameters of rank >= 2 only.
+  optimizers), on parameters of rank >= 2 only. Adafactor's optional momentum
+  (train.adafactor_momentum) averages the updates before the learning rate is
+  applied (T5X averages them after; the same under a constant rate).
   """
   t = config.train
   if t.optimizer not in OPTIMIZERS:

@@ -27,7 +27,7 @@ def _loss_and_grads(layer, x, cotangent):
   def loss_fn(layer, x):
     y, aux = layer(x)
     return jnp.sum(y * cotangent) + aux.aux_loss + aux.z_loss, (y, aux)
-  (_, (y, aux)), (g_layer, g_x) = nnx.grad(
+  (g_layer, g_x), (y, aux) = nnx.grad(
       loss_fn, argnums=(0, 1), has_aux=True)(layer, x)
   return y, aux, g_layer, g_x  # g_layer: State of the Params
 
@@ -37,14 +37,12 @@ def _loss_and_grads(layer, x, cotangent):
 ROUTER_CASES = {
     "switch": dict(router="switch"),
     "switch_bpr": dict(router="switch", batch_prioritized=True),
-    "switch_gated_gelu": dict(router="switch", activation="gated_gelu"),
-    "gshard_all": dict(router="gshard"),
+    "gshard_all": dict(router="gshard", activation="gated_gelu"),
     "gshard_random": dict(router="gshard", second_expert_policy="random"),
     "expert_choice": dict(router="expert_choice"),
     "topk2": dict(router="topk", num_selected=2),
     "topk2_bpr": dict(router="topk", num_selected=2, batch_prioritized=True),
     "topk3_unnormalized": dict(router="topk", num_selected=3, normalize_weights=False),
-    "topk3": dict(router="topk", num_selected=3),
     "noisy_topk2": dict(router="noisy_topk", num_selected=2),
 }
 
@@ -97,7 +95,7 @@ def _all_to_expert_0(layer):
   """Router kernel with only column 0 set: positive inputs all pick expert 0."""
   kernel = np.zeros((M, E), np.float32)
   kernel[:, 0] = 1.0
-  layer.router.kernel.value = jnp.asarray(kernel)
+  layer.router.kernel[...] = jnp.asarray(kernel)
 
 
 @pytest.mark.parametrize("dispatch", ["fast", "einsum"])
@@ -178,7 +176,7 @@ def test_router_dtype_bfloat16_ablation():
 def test_router_jitter_only_in_training():
   eps = 0.1
   router = moe.Router(M, M, jitter=eps, rngs=nnx.Rngs(0))
-  router.kernel.value = jnp.eye(M)  # logits = jittered input
+  router.kernel[...] = jnp.eye(M)  # logits = jittered input
   x = jnp.abs(_x()) + 0.5
   logits, noise = router(x)
   assert noise is None
@@ -195,7 +193,8 @@ def test_noise_dropout_and_random_policy_off_in_eval():
   for kw in (dict(router="noisy_topk", num_selected=2),
              dict(router="gshard", second_expert_policy="random"),
              dict(expert_dropout=0.5), dict(router_jitter=0.5)):
-    layer = _layer(train_capacity_factor=2.0, **kw)
+    # A peaked router (std 1) so that policy 'random' drops second choices.
+    layer = _layer(train_capacity_factor=2.0, router_init_std=1.0, **kw)
     x = _x()
     y1, _ = layer(x)
     y2, _ = layer(x)
@@ -208,12 +207,13 @@ def test_noise_dropout_and_random_policy_off_in_eval():
 
 def test_expert_dropout_is_inverted_dropout_on_hidden():
   experts = moe.Experts(1, M, H, dropout=0.5, rngs=nnx.Rngs(0))
-  experts.wo.value = jnp.eye(H, M)[None]  # output = first M hidden units
+  experts.wo[...] = jnp.eye(H, M)[None]  # output = first M hidden units
   buf = jnp.abs(jax.random.normal(jax.random.key(3), (1, 2, 64, M))) + 0.1
   out = np.asarray(experts(buf))
   clean = np.asarray(experts(buf, deterministic=True))
   kept = out != 0
-  assert 0.3 < kept.mean() < 0.7
+  assert np.all(clean[kept] != 0)  # relu zeros stay zero
+  assert 0.35 < kept.sum() / (clean != 0).sum() < 0.65
   np.testing.assert_allclose(out[kept], 2.0 * clean[kept], rtol=1e-6)
 
 
@@ -241,7 +241,7 @@ def test_single_expert_layer_equals_mlp_block(activation):
   assert layer.capacity(8) == 8  # C = S: nothing dropped
   names = ("wi_0", "wi_1", "wo") if activation == "gated_gelu" else ("wi", "wo")
   for name in names:
-    getattr(layer.experts, name).value = getattr(mlp, name)[...][None]
+    getattr(layer.experts, name)[...] = getattr(mlp, name)[...][None]
   y, aux = layer(x)
   np.testing.assert_allclose(y, mlp(x), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(aux.aux_loss, 1.0, rtol=1e-6)  # E * f * P = 1
@@ -264,8 +264,8 @@ def test_group_size_must_divide_tokens():
   with pytest.raises(ValueError, match=r"group_size=16.*B\*L=2\*12=24"):
     layer(_x(b=2, l=12))
   # group_size larger than B*L: one group of all tokens.
-  y, _ = _layer(group_size=1024)(_x(b=2, l=12))
-  assert y.shape == (2, 12, M)
+  assert moe.group_tokens(_x(b=2, l=12), 1024).shape == (1, 24, M)
+  assert moe.group_tokens(_x(b=2, l=12), 6).shape == (4, 6, M)
 
 
 def test_bad_arguments():

@@ -8,7 +8,6 @@ up to a multiple of 128 (T5: 32000 + 100 -> 32128), so a few ids are unused.
 """
 import functools
 import os
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +17,6 @@ BUNDLED_VOCAB_PATH = os.path.join(
     os.path.dirname(__file__), "vocab", "sentencepiece.model")
 EXTRA_IDS = 100
 VOCAB_MULTIPLE = 128  # embedding rows padded for even sharding / TPU tiles
-_SENTINEL_TEXT = re.compile(r"<extra_id_(\d+)>")
 
 
 class Vocabulary:
@@ -71,19 +69,18 @@ class Vocabulary:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    text, run = [], []
     first_sentinel = self.sp_vocab_size + self.extra_ids - 1
+    pieces = []
     for i in ids:
       if i == self.pad_id:
         continue
       if self.sp_vocab_size <= i <= first_sentinel:
-        text.append(self._sp.decode(run))
-        text.append(f"<extra_id_{first_sentinel - i}>")
-        run = []
+        # Decoding pieces (not id runs) keeps the space after a sentinel.
+        pieces.append(f"<extra_id_{first_sentinel - i}>")
       else:
-        run.append(i if 0 <= i < self.sp_vocab_size else self.unk_id)
-    text.append(self._sp.decode(run))
-    return "".join(text)
+        pieces.append(self._sp.id_to_piece(
+            i if 0 <= i < self.sp_vocab_size else self.unk_id))
+    return self._sp.decode_pieces(pieces)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,166 @@
+"""Grain input pipelines: documents -> tokens -> packed examples -> batches.
+
+Every stage is a grain dataset, so the iterator's `get_state()` is a small
+dict (element counters) and `set_state()` continues the exact stream.
+
+  documents  tfds source, this process's slice [process_index::process_count],
+             shuffled per epoch (train), repeated forever
+  tokens     SentencePiece in a map; decoder_only appends eos per document,
+             encoder_decoder does not (T5 concatenates documents without one)
+  packing    concatenate, split into chunks (grain ConcatThenSplitIterDataset)
+  features   span corruption (seeded per example) or next-token shift
+  batch      B examples -> dict of arrays
+
+Batch features (t5x names):
+  encoder_decoder: encoder_input_tokens i32[B, inputs_length],
+    decoder_input_tokens, decoder_target_tokens i32[B, targets_length],
+    decoder_loss_weights f32[B, targets_length]
+  decoder_only: decoder_input_tokens, decoder_target_tokens i32[B, seq_length],
+    decoder_loss_weights f32[B, seq_length]
+"""
+import functools
+
+import grain
+import numpy as np
+
+from switchjax.data import span_corruption as sc
+from switchjax.data import tfds_corpus
+from switchjax.data import vocab as vocab_lib
+
+_SPLIT_CODES = {"train": 0, "validation": 1}
+
+
+def _seed(*parts: int) -> int:
+  """A uint32 seed mixed from ints (grain wants seeds in [0, 2**32))."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _tokenize(example, *, vocab: vocab_lib.Vocabulary, append_eos: bool):
+  return {"tokens": vocab.encode_np(example["text"], append_eos=append_eos)}
+
+
+def _pad(x: np.ndarray, length: int) -> np.ndarray:
+  out = np.zeros(length, dtype=np.int32)  # pad id 0
+  out[:len(x)] = x
+  return out
+
+
+def _shift_right(targets: np.ndarray) -> np.ndarray:
+  """Decoder inputs: targets delayed one step, starting with 0 (T5)."""
+  return np.concatenate([np.zeros(1, np.int32), targets[:-1]])
+
+
+def _span_corruption_features(example, rng, *, vocab, inputs_length,
+                              targets_length, noise_density,
+                              mean_noise_span_length):
+  inputs, targets = sc.span_corruption(
+      example["tokens"], rng, noise_density=noise_density,
+      mean_noise_span_length=mean_noise_span_length,
+      first_sentinel_id=vocab.sentinel_id(0), eos_id=vocab.eos_id)
+  targets = _pad(targets, targets_length)
+  return {
+      "encoder_input_tokens": _pad(inputs, inputs_length),
+      "decoder_input_tokens": _shift_right(targets),
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": (targets != 0).astype(np.float32),
+  }
+
+
+def _next_token_features(example):
+  chunk = example["tokens"]  # seq_length + 1 tokens, 0-padded only at the end
+  targets = chunk[1:].astype(np.int32)
+  return {
+      "decoder_input_tokens": chunk[:-1].astype(np.int32),
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": (targets != 0).astype(np.float32),
+  }
+
+
+def _read_options(name: str) -> grain.ReadOptions:
+  """How the documents are read.
+
+  The bundled corpus is local and small: inline reads, no threads. Other tfds
+  data (C4, perhaps on GCS) gets grain's reader threads to hide latency.
+  """
+  if name in tfds_corpus.BUNDLED_NAMES:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions()
+
+
+def _check_lengths(config):
+  d = config.data
+  arch = config.model.arch
+  if arch == "decoder_only":
+    if d.seq_length < 1:
+      raise ValueError(f"data.seq_length must be >= 1, got {d.seq_length}")
+    return d.seq_length + 1
+  if arch != "encoder_decoder":
+    raise ValueError(f"model.arch must be 'encoder_decoder' or 'decoder_only', "
+                     f"got {arch!r}")
+  raw_length, targets_needed = sc.random_spans_helper(
+      d.inputs_length, d.noise_density, d.mean_noise_span_length)
+  if d.targets_length < targets_needed:
+    raise ValueError(
+        f"data.targets_length={d.targets_length} is too short for span "
+        f"corruption of data.inputs_length={d.inputs_length} at noise_density="
+        f"{d.noise_density}, mean_noise_span_length={d.mean_noise_span_length}:"
+        f" it needs {targets_needed}")
+  return raw_length
+
+
+def make_dataset(config, split: str, *, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """The grain pipeline behind `make_iterator` (see the module docstring)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  chunk_length = _check_lengths(config)
+  decoder_only = config.model.arch == "decoder_only"
+  train = split == "train"
+  vocab = vocab_lib.get_vocabulary(config)
+  source = tfds_corpus.data_source(config.data.name, split,
+                                   config.data.data_dir or None)
+
+  docs = grain.MapDataset.source(source)
+  if len(docs) < process_count:
+    raise ValueError(f"split {split!r} of {config.data.name!r} has {len(docs)} "
+                     f"documents, fewer than process_count={process_count}")
+  docs = docs[process_index::process_count]  # disjoint per host
+  if train:
+    # Shuffle then repeat: grain reseeds each epoch (seed + epoch).
+    docs = docs.shuffle(seed=_seed(config.data.shuffle_seed, process_index))
+  docs = docs.repeat()  # train: forever; eval: cycled if short
+  tokens = docs.map(functools.partial(_tokenize, vocab=vocab,
+                                      append_eos=decoder_only))
+  ds = tokens.to_iter_dataset(_read_options(config.data.name))
+  ds = ds.filter(lambda x: x["tokens"].size > 0)
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": chunk_length})
+  if decoder_only:
+    ds = ds.map(_next_token_features)
+  else:
+    d = config.data
+    ds = ds.random_map(
+        functools.partial(
+            _span_corruption_features, vocab=vocab,
+            inputs_length=d.inputs_length, targets_length=d.targets_length,
+            noise_density=d.noise_density,
+            mean_noise_span_length=d.mean_noise_span_length),
+        seed=_seed(config.seed, process_index, _SPLIT_CODES.get(split, 2)))
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(config, split: str, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """Endless iterator of this process's batches (dict of numpy arrays).
+
+  `split` 'train' shuffles documents (data.shuffle_seed) and reshuffles every
+  epoch; other splits ('validation') read in order, so each new iterator
+  yields the same batches. Span-corruption noise is seeded by config.seed and
+  the example's position in the stream. The iterator has
+  `get_state()`/`set_state(state)` for checkpointing.
+  """
+  return iter(make_dataset(config, split, batch_size=batch_size,
+                           process_index=process_index,
+                           process_count=process_count))

@@ -1,0 +1,165 @@
+"""End-to-end training: every tiny experiment trains, and resume is exact."""
+import glob
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from switchjax import config_base
+from switchjax import train
+from switchjax import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+
+
+def load(path, preset="tiny"):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("exp", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def short(config, steps=3):
+  """A few steps of a smaller model: compile time dominates these tests."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.d_model, c.model.num_heads, c.model.head_dim = 32, 2, 16
+  c.model.d_ff = 64
+  c.data.inputs_length, c.data.targets_length, c.data.seq_length = 64, 16, 64
+  c.train.batch_size = 8
+  c.moe.group_size = 64
+  c.train.num_steps = steps
+  c.train.log_every = 1
+  c.train.eval_every = steps
+  c.train.eval_steps = 1
+  c.train.checkpoint_every = steps
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_tiny_config_trains(path, tmp_path):
+  config = short(load(path), steps=2)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  rows = read_metrics(tmp_path)
+  train_rows = [r for r in rows if "split" not in r]
+  assert [r["step"] for r in train_rows] == [1, 2]
+  for key in ("loss", "aux_loss", "z_loss", "dropped_fraction",
+              "tokens_per_sec"):
+    assert np.isfinite(train_rows[-1][key]), key
+  assert [r for r in rows if r.get("split") == "eval"]
+  assert np.isfinite(summary["eval_loss"])
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  # The loss starts near log(vocab): the model is not handed the answer.
+  assert abs(train_rows[0]["loss"] - np.log(8192)) < 1.5
+
+
+def switch_tiny():
+  return load(os.path.join(ROOT, "experiments", "switch_base.py"))
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = short(switch_tiny(), steps=6)
+  config.train.checkpoint_every = 3
+  config.model.dropout_rate = 0.1  # randomness must replay too
+  config.moe.router_jitter = 0.01
+  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  train.train_and_evaluate(config, straight)
+  first = ml_collections.ConfigDict(config.to_dict())
+  first.train.num_steps = 4  # saves at 3 and at 4
+  train.train_and_evaluate(first, resumed)
+  # Pretend the run died after step 4's metrics but lost that checkpoint.
+  import shutil
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  train.train_and_evaluate(config, resumed)
+  a, b = read_metrics(straight), read_metrics(resumed)
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for key in ("loss", "aux_loss", "z_loss", "dropped_fraction",
+                "grad_norm"):
+      if key in ra:
+        assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (
+            ra["step"], key)
+
+
+def test_checkpoint_restores_the_saved_state(tmp_path):
+  config = validate.prepare(short(switch_tiny(), steps=2))
+  trainer = train.make_trainer(config)
+  from switchjax import checkpoint as ckpt_lib
+  from switchjax import data as data_lib
+  state = trainer.init_state()
+  it = data_lib.make_iterator(config, "train", batch_size=config.train.batch_size)
+  state, _ = trainer.train_step(state, train._global_batch(trainer, next(it)))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
+  ckpt.save(1, state, it)
+  expected_next = next(it)
+  fresh = data_lib.make_iterator(config, "train", batch_size=config.train.batch_size)
+  restored = ckpt.restore(1, trainer.abstract_state, fresh)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  got = next(fresh)
+  for k in expected_next:
+    np.testing.assert_array_equal(got[k], expected_next[k])
+  ckpt.close()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"moe.train_capacity_factor": 0.0}, "train_capacity_factor"),
+    ({"moe.num_selected": 9, "moe.router": "topk"}, "num_selected"),
+    ({"moe.decoder_router": "expert_choice"}, "leaks future"),
+    ({"moe.group_size": 300}, "group_size"),
+    ({"moe.router": "top1"}, "unknown router"),
+    ({"mesh.data": 3}, "devices"),
+    ({"mesh.data": 1, "mesh.expert": 8, "moe.num_experts": 4}, "divisible"),
+    ({"train.batch_size": 4}, "batch shards"),
+])
+def test_bad_configs_are_refused_before_work(override, message, tmp_path):
+  config = switch_tiny()
+  for key, value in override.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  workdir = tmp_path / "w"
+  with pytest.raises(validate.ConfigError, match=message):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  config = short(switch_tiny(), steps=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  before = sorted(os.listdir(tmp_path))
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.moe.num_experts = 4
+  with pytest.raises(validate.ConfigError, match="moe.num_experts"):
+    train.train_and_evaluate(other, str(tmp_path))
+  schedule = ml_collections.ConfigDict(config.to_dict())
+  schedule.train.learning_rate = 0.5
+  with pytest.raises(validate.ConfigError, match="allow_config_change"):
+    train.train_and_evaluate(schedule, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == before
+  # More steps is a run-control change: it simply resumes.
+  longer = ml_collections.ConfigDict(config.to_dict())
+  longer.train.num_steps = 2
+  train.train_and_evaluate(longer, str(tmp_path))
+  assert [r["step"] for r in read_metrics(tmp_path)
+          if "split" not in r] == [1, 2]
+
+
+def test_cross_entropy_against_hand_values():
+  logits = jax.numpy.array([[[0.0, np.log(3.0)], [2.0, 0.0]]])
+  targets = jax.numpy.array([[1, 1]])
+  weights = jax.numpy.array([[1.0, 0.0]])
+  loss, metrics = train.cross_entropy(logits, targets, weights)
+  np.testing.assert_allclose(loss, -np.log(0.75), rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], 1.0)
+  loss_z, _ = train.cross_entropy(logits, targets, weights, z_loss=1e-2)
+  np.testing.assert_allclose(loss_z - loss, 1e-2 * np.log(4.0) ** 2,
+                             rtol=1e-5)
