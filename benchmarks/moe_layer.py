@@ -153,14 +153,14 @@ def main(argv=None) -> list[Row]:
               med[("fast", dtype, router, s, cf, e)],
               med[("einsum", dtype, router, s, cf, e)])
           for router, dtype, s, cf, e, c in layout]
-  header = (f"{'router':<13}{'dtype':<10}{'S':>6}{'cf':>6}{'E':>5}{'C':>6}"
+  header = (f"{'router':<15}{'dtype':<10}{'S':>6}{'cf':>6}{'E':>5}{'C':>6}"
             f"{'dense ms':>10}{'fast ms':>10}{'einsum ms':>11}"
             f"{'fast/dense':>12}{'einsum/dense':>14}{'einsum/fast':>13}")
   print(header)
   print("-" * len(header))
   for r in rows:
     q = r.ratios
-    print(f"{r.router:<13}{r.dtype:<10}{r.group_size:>6}{r.capacity_factor:>6.2f}"
+    print(f"{r.router:<15}{r.dtype:<10}{r.group_size:>6}{r.capacity_factor:>6.2f}"
           f"{r.num_experts:>5}{r.capacity:>6}{r.dense_ms:>10.1f}{r.fast_ms:>10.1f}"
           f"{r.einsum_ms:>11.1f}{q['fast/dense']:>12.2f}{q['einsum/dense']:>14.2f}"
           f"{q['einsum/fast']:>13.2f}")

@@ -343,6 +343,7 @@ class MoeLayer(nnx.Module):
     if group_size < 1:
       raise ValueError(f"group_size must be >= 1, got {group_size}.")
 
+    self.d_model = d_model
     self.num_experts = num_experts
     self.router_name = router
     self.num_selected = _FIXED_K.get(router, num_selected)
@@ -382,7 +383,7 @@ class MoeLayer(nnx.Module):
     return min(capacity, tokens_per_group)
 
   def route(self, x: jax.Array) -> tuple[routing_lib.Routing, jax.Array]:
-    """x[G, S, M] -> (Routing, router logits f32[G, S, E])."""
+    """x[G, S, M] -> (Routing, router logits [G, S, E] in router_dtype, f32 by default)."""
     deterministic = self.deterministic
     logits, noise_logits = self.router(x, deterministic=deterministic)
     policy = self.second_expert_policy
@@ -400,6 +401,9 @@ class MoeLayer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, MoeOutput]:
     """x[B, L, M] -> (y[B, L, M] in `dtype`, MoeOutput)."""
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(
+          f"MoeLayer expects tokens [B, L, M={self.d_model}], got shape {x.shape}.")
     groups = group_tokens(x, self.group_size)  # [G, S, M]
     routing, logits = self.route(groups)
     groups = groups.astype(self.dtype)

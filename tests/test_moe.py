@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from switchjax import moe
-from switchjax import routing
 
 M, H, E = 8, 16, 4
 
@@ -277,6 +276,8 @@ def test_bad_arguments():
     _layer(activation="swish")
   with pytest.raises(ValueError, match="num_selected"):
     _layer(router="topk", num_selected=5)
+  with pytest.raises(ValueError, match=r"\[B, L, M=8\]"):
+    _layer()(_x(m=6))
 
 
 def test_nnx_jit_matches_eager():

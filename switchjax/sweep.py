@@ -1,0 +1,178 @@
+r"""Runs an ablation grid: one workdir per cell, then a results table and plots.
+
+  python -m switchjax.sweep --config experiments/ablations/capacity_factor.py:tiny \
+      --workdir runs/capacity_factor [--config.overrides.train.num_steps=100]
+
+Cells train one after another in this process, each in DIR/<cell> exactly as
+`python -m switchjax.main` would train it. Run the same command again and
+finished cells are skipped, an interrupted one resumes from its newest
+checkpoint, and the table and plots are rebuilt. A cell whose loss becomes
+NaN is recorded as diverged (DIR/<cell>/diverged.json) and not retried;
+delete its directory to train it again.
+
+Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
+DIR/expert_load.json (see results.py), DIR/loss_curves.png,
+DIR/final_vs_<axis>.png, DIR/expert_load.png and DIR/grid.json.
+
+  python -m switchjax.sweep --config ... --workdir DIR --print_commands
+
+prints one `python -m switchjax.main` command per cell instead, to launch
+each on a cluster; `python -m switchjax.sweep ... --report_only` then builds
+the table and plots from their workdirs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from switchjax import grid as grid_lib
+
+config_flags.DEFINE_config_file(
+    "config", None,
+    "Grid file, e.g. experiments/ablations/capacity_factor.py:tiny.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "The sweep's directory; cell i trains "
+                    "in DIR/<cell name>.")
+flags.DEFINE_bool("print_commands", False,
+                  "Print one training command per cell and exit.")
+flags.DEFINE_bool("report_only", False,
+                  "Train nothing; build the table and plots from what the "
+                  "cells' workdirs hold.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _x_axis_index(grid: ml_collections.ConfigDict,
+                  cells: list[grid_lib.Cell]) -> int | None:
+  """Which axis sets grid.x_axis (its labels are the x, the rest the series)."""
+  if not grid.x_axis:
+    return None
+  for i, ax in enumerate(grid.axes):
+    if all(grid.x_axis in overrides for _, overrides in ax):
+      return i
+  del cells
+  return None
+
+
+def prepare(grid: ml_collections.ConfigDict, workdir: str
+            ) -> list[tuple[grid_lib.Cell, ml_collections.ConfigDict]]:
+  """Every cell's validated config; any bad cell raises before work starts."""
+  from switchjax import validate  # pylint: disable=g-import-not-at-top
+  out = []
+  for cell, config in grid_lib.cell_configs(grid):
+    grid_lib.check_x_axis(grid, config)
+    where = f"grid {grid.name!r} cell {cell.name!r}"
+    try:
+      config = validate.prepare(config)
+      validate.check_workdir(config, os.path.join(workdir, cell.name),
+                             allow_config_change=False)
+    except validate.ConfigError as e:
+      raise ValueError(f"{where}: {e}") from None
+    out.append((cell, config))
+  return out
+
+
+def _train(config: ml_collections.ConfigDict, cell_dir: str) -> None:
+  from switchjax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, cell_dir)
+
+
+def run(grid: ml_collections.ConfigDict, workdir: str, *,
+        train_fn: Callable[[Any, str], Any] | None = None,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Trains every unfinished cell of grid under workdir; returns the rows."""
+  from switchjax import results  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  train_fn = train_fn or _train
+  cells = prepare(grid, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "grid.json"), "w") as f:
+    json.dump(grid.to_dict(), f, indent=1, default=str)
+  for i, (cell, config) in enumerate(cells):
+    cell_dir = os.path.join(workdir, cell.name)
+    where = f"[{i + 1}/{len(cells)}] {cell.name}"
+    if results.diverged(cell_dir):
+      log(f"{where}: diverged earlier, skipped (delete {cell_dir} to retry)")
+      continue
+    if results.is_finished(cell_dir, config.train.num_steps):
+      log(f"{where}: finished, skipped")
+      continue
+    resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
+    log(f"{where}: {'resuming' if resuming else 'training'} in {cell_dir}")
+    try:
+      train_fn(config, cell_dir)
+    except FloatingPointError as e:
+      train_rows, _ = results.read_metrics(cell_dir)
+      results.mark_diverged(cell_dir, str(e),
+                            train_rows[-1]["step"] if train_rows else None)
+      log(f"{where}: diverged: {e}")
+    jax.clear_caches()  # compiled steps of this cell are not needed again
+  return report(grid, workdir, cells)
+
+
+def report(grid: ml_collections.ConfigDict, workdir: str,
+           cells: list[tuple[grid_lib.Cell, ml_collections.ConfigDict]]
+           ) -> list[dict[str, Any]]:
+  """Writes the results files and plots of workdir; returns the rows."""
+  from switchjax import model  # pylint: disable=g-import-not-at-top
+  from switchjax import plots  # pylint: disable=g-import-not-at-top
+  from switchjax import results  # pylint: disable=g-import-not-at-top
+  x_index = _x_axis_index(grid, [c for c, _ in cells])
+  rows, curve_rows, loads = [], [], {}
+  for cell, config in cells:
+    cell_dir = os.path.join(workdir, cell.name)
+    total, active = model.param_counts(config)
+    row = {"cell": cell.name, "params_total": total, "params_active": active,
+           "series": cell.name, "x": ""}
+    if not cell.is_extra and x_index is not None:
+      row["series"] = "_".join(l for j, l in enumerate(cell.labels)
+                               if j != x_index)
+      row["x"] = grid_lib.flatten(config)[grid.x_axis]
+    row.update(results.summarize(cell_dir, config,
+                                 threshold=grid.loss_threshold))
+    rows.append(row)
+    curve_rows += results.curves(cell.name, cell_dir)
+    loads[cell.name] = results.expert_load(cell_dir)
+  title = f"{grid.name} ({grid.experiment}:{grid.preset})"
+  results.write(workdir, rows, curve_rows, loads, title=title,
+                threshold=grid.loss_threshold)
+  plots.save_all(workdir, rows, curve_rows, loads, grid.x_axis)
+  return rows
+
+
+def print_commands(grid: ml_collections.ConfigDict, workdir: str) -> None:
+  for cell, _ in grid_lib.cell_configs(grid):  # checks every key first
+    print(grid_lib.command(grid, cell, workdir))
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  grid = FLAGS.config
+  try:
+    if FLAGS.print_commands:
+      print_commands(grid, FLAGS.workdir)
+      return
+    if FLAGS.report_only:
+      rows = report(grid, FLAGS.workdir, prepare(grid, FLAGS.workdir))
+    else:
+      rows = run(grid, FLAGS.workdir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  from switchjax import results  # pylint: disable=g-import-not-at-top
+  print(results.markdown_table(rows, grid.loss_threshold))
+  print(f"results: {os.path.join(FLAGS.workdir, 'results.md')} (.csv, *.png)")
+
+
+if __name__ == "__main__":
+  app.run(main)
