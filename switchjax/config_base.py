@@ -62,6 +62,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.expert = 1
   c.mesh.model = 1
 
+  # Logical axis name -> mesh axes ("data,expert"; "" = replicated). Params
+  # and key activations carry logical names; these rules place them on the
+  # mesh (switchjax/partitioning.py), t5x's MoE rules by default.
+  c.partitioning = ml_collections.ConfigDict()
+  c.partitioning.rules = r = ml_collections.ConfigDict()
+  r.batch = "data,expert"  # tokens: split over data and expert together
+  r.length = ""
+  r.embed = ""
+  r.vocab = "model"
+  r.mlp = "model"
+  r.heads = "model"
+  r.kv = ""
+  r.relpos_buckets = ""
+  r.expert = "expert"  # expert weights' leading axis
+  r.expert_mlp = "model"  # expert hidden dim H
+  r.unmodeled = ""  # small weights kept whole (the router's [M, E] kernel)
+
   c.data = d = ml_collections.ConfigDict()
   d.name = "bundled"  # the bundled corpus, or a tfds name such as "c4/en:3.1.0"
   d.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)

@@ -27,7 +27,7 @@ import itertools
 import os
 import re
 import shlex
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -36,10 +36,6 @@ Axis = tuple[tuple[str, Overrides], ...]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
-
-
-def _fmt(value: Any) -> str:
-  return repr(value) if isinstance(value, str) else str(value)
 
 
 def axis(key: str, values: Sequence[Any], label: str | None = None) -> Axis:
@@ -173,16 +169,21 @@ def resolve_path(path: str) -> str:
                    f"current directory and in {ROOT})")
 
 
-def load_experiment(path: str, preset: str | None) -> ml_collections.ConfigDict:
-  """experiments/<model>.py's get_config(preset)."""
+def _get_config(path: str, arg: str | None) -> Any:
+  """get_config(arg) of a config file, loaded as config_flags loads it."""
   resolved = resolve_path(path)
   spec = importlib.util.spec_from_file_location(
-      "switchjax_experiment_" + re.sub(r"\W", "_", resolved), resolved)
+      "switchjax_config_" + re.sub(r"\W", "_", resolved), resolved)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"experiment file {path!r} has no get_config()")
-  return module.get_config(preset)
+    raise ValueError(f"config file {path!r} has no get_config()")
+  return module.get_config(arg)
+
+
+def load_experiment(path: str, preset: str | None) -> ml_collections.ConfigDict:
+  """experiments/<model>.py's get_config(preset)."""
+  return _get_config(path, preset)
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -197,6 +198,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise ValueError(f"{where}: unknown config key {key!r}")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ValueError(f"{where}: unknown config key {key!r} (a section; name "
+                       "a key inside it)")
     try:
       node[leaf] = value
     except TypeError as e:
@@ -246,5 +250,7 @@ def command(grid: ml_collections.ConfigDict, cell: Cell, workdir: str) -> str:
   return " ".join(shlex.quote(a) for a in args)
 
 
-def describe(values: Iterable[tuple[str, Any]]) -> str:
-  return ", ".join(f"{k}={_fmt(v)}" for k, v in values)
+def load_grid(spec: str) -> ml_collections.ConfigDict:
+  """A grid file's config from "path[:preset]", as --config reads it."""
+  path, _, preset = spec.partition(":")
+  return _get_config(path, preset or None)

@@ -4,11 +4,17 @@ r"""Trains a switchjax experiment.
       --workdir runs/switch_base_tiny [--config.moe.num_experts=16 ...]
 
 Run it again with the same --workdir to resume from the newest checkpoint.
+Bad input (flags, config, workdir) and faults during the run (NaN, a full
+disk, unreadable checkpoints) end with one line `error: ...` and exit 1;
+SIGTERM/SIGINT save the current step and exit 0. See docs/robustness.md.
 """
+import ast
+import shlex
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
@@ -22,20 +28,86 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _fail(message: str) -> None:
+  sys.exit(f"error: {' '.join(message.split())}")
+
+
+def _last_line(error: BaseException) -> str:
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with every mistake as one line instead of a trace."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    # "flag --config=...: Error whilst parsing..." + a traceback: keep the
+    # flag and the traceback's last line.
+    first = str(e).strip().splitlines()[0]
+    last = _last_line(e)
+    prefix = first.split(": ")[0] + ": " if first.startswith("flag --") else ""
+    _fail(last if first == last else prefix + last)
+  except (AttributeError, KeyError) as e:
+    # ml_collections: an override of a key the config does not have.
+    text = str(e.args[0]) if e.args else str(e)
+    try:
+      text = ast.literal_eval(text)  # KeyError quotes its message
+    except (ValueError, SyntaxError):
+      pass
+    key = text.splitlines()[0].strip("'\"") if text else "?"
+    hint = " ".join(text.splitlines()[1:])
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a), "--config.*")
+    _fail(f"{flag}: unknown config key {key!r}. {hint}")
+  except OSError as e:  # the config file (read while applying overrides)
+    _fail(f"--config {_config_arg(argv)}: {_last_line(e)}")
+  except Exception as e:  # pylint: disable=broad-except
+    # Any other failure while parsing is a bad flag value too.
+    _fail(_last_line(e))
+
+
+def _config_arg(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _load_config():
+  """The parsed config; ml_collections defers config file errors to here."""
+  try:
+    config = FLAGS.config
+    config.keys()
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"--config {_config_arg(sys.argv)}: {_last_line(e)}")
+
+
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  # Imported here so --help answers without loading JAX.
+    _fail(f"unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    # Orbax logs every file it writes at INFO; keep the run's own lines.
+    logging.set_verbosity(logging.WARNING)
+  config = _load_config()
+  # Imported here so --help and flag errors answer without loading JAX.
+  from switchjax import faults  # pylint: disable=g-import-not-at-top
   from switchjax import train  # pylint: disable=g-import-not-at-top
   from switchjax import validate  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                             allow_config_change=FLAGS.allow_config_change)
-  except validate.ConfigError as e:
-    sys.exit(f"error: {e}")
-  except FloatingPointError as e:
-    sys.exit(f"error: {e}")
+    summary = train.train_and_evaluate(
+        config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+  except (validate.ConfigError, faults.RunError) as e:
+    _fail(str(e))
+  except OSError as e:  # before the loop: truncating metrics, config.json
+    _fail(f"{e.strerror or _last_line(e)}: {e.filename or FLAGS.workdir}")
+  if summary.get("preempted"):
+    print("to resume: " + shlex.join([sys.executable, "-m", "switchjax.main"]
+                                      + sys.argv[1:]), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -94,6 +94,7 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       second_expert_policy=e.second_expert_policy,
       normalize_weights=e.normalize_weights,
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
+      expert_parallel=e.expert_parallel,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype))
 
 
@@ -367,18 +368,46 @@ def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   layer's experts per token; for expert choice the train capacity factor,
   its average number of experts per token). The router, attention, norms,
   embedding (once) and output head count fully.
+
+  Counts per layer kind: a stack's layers are all alike but for dense vs
+  sparse, so it builds (abstractly) one layer of each kind per stack, the
+  stack without layers and the embeddings, and multiplies. Tracing the whole
+  model at once is quadratic in its size (10-25 s for the paper configs).
   """
-  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+  _check_config(config)
+  m, e = config.model, config.moe
+  stacks = [("decoder", m.num_decoder_layers, m.arch == "encoder_decoder")]
+  if m.arch == "encoder_decoder":
+    stacks.insert(0, ("encoder", m.num_encoder_layers, False))
 
   def size(node) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(node, nnx.Param)))
 
-  total = size(model)
+  def abstract(build):
+    return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+
+  total = size(abstract(lambda rngs: _LanguageModel(config, rngs=rngs)))
   active = float(total)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, moe_lib.MoeLayer):
-      k = (node.train_capacity_factor if node.router_name == "expert_choice"
-           else node.num_selected)
-      expert_params = size(node.experts)
-      active += expert_params * (k / node.num_experts - 1.0)
+  for name, num_layers, cross in stacks:
+    shell = size(abstract(lambda rngs: Stack(
+        config, name=name, num_layers=0, causal=name == "decoder",
+        cross_attention=cross, rngs=rngs)))
+    total += shell
+    active += shell
+    num_sparse = sum(is_sparse_layer(i, e.num_experts, e.sparse_every)
+                     for i in range(num_layers))
+    kwargs = moe_layer_kwargs(config, name) if num_sparse else None
+    for count, moe_kwargs in ((num_layers - num_sparse, None),
+                              (num_sparse, kwargs)):
+      if not count:
+        continue
+      layer = abstract(lambda rngs: TransformerLayer(
+          config, cross_attention=cross, moe_kwargs=moe_kwargs, rngs=rngs))
+      total += count * size(layer)
+      active += count * size(layer)
+      if isinstance(layer.mlp, moe_lib.MoeLayer):
+        node = layer.mlp
+        k = (node.train_capacity_factor if node.router_name == "expert_choice"
+             else node.num_selected)
+        active += count * size(node.experts) * (k / node.num_experts - 1.0)
   return total, int(round(active))

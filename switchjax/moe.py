@@ -24,6 +24,7 @@ constraints / a shard_map all-to-all can wrap each one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.struct
@@ -31,6 +32,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from switchjax import expert_parallel as expert_parallel_lib
+from switchjax import partitioning
 from switchjax import routing as routing_lib
 
 ROUTERS = routing_lib.ROUTERS
@@ -85,17 +88,23 @@ def _ffn_init(init_scale: float):
       batch_axis=(0,))
 
 
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+  """A parameter tagged with logical axis names (see switchjax.partitioning)."""
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
 def _ffn_params(module: nnx.Module, shape_in: tuple[int, ...],
                 shape_out: tuple[int, ...], activation: str, init_scale: float,
-                rngs: nnx.Rngs) -> None:
+                rngs: nnx.Rngs, names_in: tuple[str, ...],
+                names_out: tuple[str, ...]) -> None:
   """Creates wi (or wi_0, wi_1 for gated activations) and wo on `module`."""
   init = _ffn_init(init_scale)
   if activation == "gated_gelu":
-    module.wi_0 = nnx.Param(init(rngs.params(), shape_in, jnp.float32))
-    module.wi_1 = nnx.Param(init(rngs.params(), shape_in, jnp.float32))
+    module.wi_0 = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
+    module.wi_1 = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
   else:
-    module.wi = nnx.Param(init(rngs.params(), shape_in, jnp.float32))
-  module.wo = nnx.Param(init(rngs.params(), shape_out, jnp.float32))
+    module.wi = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
+  module.wo = _param(init(rngs.params(), shape_out, jnp.float32), names_out)
 
 
 def _ffn_hidden(module: nnx.Module, x: jax.Array, spec: str, activation: str,
@@ -139,9 +148,11 @@ class Router(nnx.Module):
     if not 0.0 <= jitter < 1.0:
       raise ValueError(f"router jitter must be in [0, 1), got {jitter}.")
     init = jax.nn.initializers.normal(stddev=init_std)
-    self.kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32))
+    # Small ([M, E]) and read by every token: kept whole on every device.
+    names = ("embed", "unmodeled")
+    self.kernel = _param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
     self.noise_kernel = (
-        nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32))
+        _param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
         if noisy else None)
     self.jitter = jitter
     self.dtype = dtype
@@ -179,7 +190,8 @@ class Experts(nnx.Module):
                deterministic: bool = False, rngs: nnx.Rngs):
     _check_choice("activation", activation, ACTIVATIONS)
     _ffn_params(self, (num_experts, d_model, d_ff), (num_experts, d_ff, d_model),
-                activation, init_scale, rngs)
+                activation, init_scale, rngs,
+                ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed"))
     self.activation = activation
     self.dtype = dtype
     self.dropout = _dropout(dropout, deterministic, rngs)
@@ -204,7 +216,8 @@ class MlpBlock(nnx.Module):
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
     _check_choice("activation", activation, ACTIVATIONS)
-    _ffn_params(self, (d_model, d_ff), (d_ff, d_model), activation, init_scale, rngs)
+    _ffn_params(self, (d_model, d_ff), (d_ff, d_model), activation, init_scale,
+                rngs, ("embed", "mlp"), ("mlp", "embed"))
     self.activation = activation
     self.dtype = dtype
     self.dropout = _dropout(dropout, deterministic, rngs)
@@ -323,11 +336,13 @@ class MoeLayer(nnx.Module):
                router_dtype: Any = jnp.float32, router_init_std: float = 0.02,
                second_expert_policy: str = "all",
                normalize_weights: bool = True, batch_prioritized: bool = False,
-               dispatch: str = "fast", init_scale: float = 0.1,
+               dispatch: str = "fast", expert_parallel: str = "gspmd",
+               init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
     _check_choice("router", router, ROUTERS)
     _check_choice("dispatch", dispatch, DISPATCHES)
+    _check_choice("expert_parallel", expert_parallel, expert_parallel_lib.PATHS)
     _check_choice("second_expert_policy", second_expert_policy, ("all", "random"))
     if num_experts < 1:
       raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
@@ -355,6 +370,7 @@ class MoeLayer(nnx.Module):
     self.normalize_weights = normalize_weights
     self.batch_prioritized = batch_prioritized
     self.dispatch = dispatch
+    self.expert_parallel = expert_parallel
     self.dtype = dtype
     self.deterministic = deterministic
 
@@ -405,17 +421,29 @@ class MoeLayer(nnx.Module):
       raise ValueError(
           f"MoeLayer expects tokens [B, L, M={self.d_model}], got shape {x.shape}.")
     groups = group_tokens(x, self.group_size)  # [G, S, M]
+    # On a mesh: whole groups per device, routed where they are.
+    groups = expert_parallel_lib.constrain_groups(groups)
     routing, logits = self.route(groups)
     groups = groups.astype(self.dtype)
-    if self.dispatch == "einsum":
-      buffers = dispatch_einsum(groups, routing)
+    if expert_parallel_lib.uses_shard_map(self.expert_parallel):
+      y = expert_parallel_lib.shard_map_experts(self, groups, routing)
     else:
-      buffers = dispatch_gather(groups, routing)
-    outputs = self.experts(buffers, deterministic=self.deterministic)  # [E, G, C, M]
-    if self.dispatch == "einsum":
-      y = combine_einsum(outputs, routing)
-    else:
-      y = combine_fast(outputs, routing)
+      dispatch, combine = ((dispatch_einsum, combine_einsum)
+                           if self.dispatch == "einsum"
+                           else (dispatch_gather, combine_fast))
+      if partitioning.current_mesh() is not None:
+        # Group by group, so that XLA keeps the groups where they are.
+        dispatch = functools.partial(
+            expert_parallel_lib.per_group(dispatch), x_axis=0, out_axis=1)
+        combine = functools.partial(
+            expert_parallel_lib.per_group(combine), x_axis=1, out_axis=0)
+      buffers = dispatch(groups, routing)
+      # GSPMD: E over 'expert' for the experts (an all-to-all), and back.
+      buffers = expert_parallel_lib.to_experts(buffers)
+      outputs = self.experts(buffers, deterministic=self.deterministic)  # [E, G, C, M]
+      outputs = expert_parallel_lib.from_experts(outputs)
+      y = combine(outputs, routing)
+    y = expert_parallel_lib.constrain_groups(y)
     aux = MoeOutput(aux_loss=routing.aux_loss,
                     z_loss=routing_lib.router_z_loss(logits.astype(jnp.float32)),
                     metrics=routing.metrics)

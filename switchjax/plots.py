@@ -37,7 +37,7 @@ def loss_curves(rows: list[dict], curve_rows: list[dict]) -> Figure:
   ax.set_ylabel("loss (nats / target token)")
   ax.set_title("Training loss (lines) and eval loss (dots)")
   ax.grid(alpha=0.3)
-  if rows:
+  if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7, ncol=2)
   return fig
 
@@ -81,7 +81,7 @@ def versus_axis(rows: list[dict], x_key: str) -> Figure:
     ax.set_xlabel(x_key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if j == 0:
+    if j == 0 and ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
   return fig
 

@@ -50,15 +50,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _x_axis_index(grid: ml_collections.ConfigDict,
-                  cells: list[grid_lib.Cell]) -> int | None:
+def _x_axis_index(grid: ml_collections.ConfigDict) -> int | None:
   """Which axis sets grid.x_axis (its labels are the x, the rest the series)."""
   if not grid.x_axis:
     return None
   for i, ax in enumerate(grid.axes):
     if all(grid.x_axis in overrides for _, overrides in ax):
       return i
-  del cells
   return None
 
 
@@ -125,7 +123,7 @@ def report(grid: ml_collections.ConfigDict, workdir: str,
   from switchjax import model  # pylint: disable=g-import-not-at-top
   from switchjax import plots  # pylint: disable=g-import-not-at-top
   from switchjax import results  # pylint: disable=g-import-not-at-top
-  x_index = _x_axis_index(grid, [c for c, _ in cells])
+  x_index = _x_axis_index(grid)
   rows, curve_rows, loads = [], [], {}
   for cell, config in cells:
     cell_dir = os.path.join(workdir, cell.name)

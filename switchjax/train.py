@@ -23,9 +23,11 @@ import optax
 
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
+from switchjax import faults
 from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
+from switchjax import preemption
 from switchjax import validate
 from switchjax import writers
 
@@ -128,12 +130,28 @@ class Trainer:
       updates, opt_state = self.tx.update(grads, state["opt_state"],
                                           state["params"])
       params = optax.apply_updates(state["params"], updates)
+      grad_norm = optax.tree.norm(grads)
+      param_norm = optax.tree.norm(params)
+      # One flag for loss, gradients and the updated params: the host reads
+      # it (faults.FiniteWatch) instead of every value.
+      finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
+                & jnp.isfinite(param_norm))
+      skipped = state["skipped_steps"]
+      if c.train.nan_policy == "skip":
+        # A non-finite step leaves params and optimizer state as they were
+        # (Adafactor's moments would keep a NaN forever); it still counts as
+        # a step, so data and rng stay those of a run without the fault.
+        keep = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep, params, state["params"])
+        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+        skipped = skipped + (~finite).astype(jnp.int32)
       metrics = {"loss": ce["nll"], "total_loss": total,
                  "accuracy": ce["accuracy"],
-                 "grad_norm": optax.tree.norm(grads),
+                 "grad_norm": grad_norm, "param_norm": param_norm,
+                 "skipped_steps": skipped, "finite": finite,
                  **_router_metrics(aux)}
       new_state = {"step": state["step"] + 1, "params": params,
-                   "opt_state": opt_state}
+                   "opt_state": opt_state, "skipped_steps": skipped}
       return new_state, metrics
 
     def eval_step(params, rest, batch):
@@ -166,7 +184,9 @@ def _init_fn(config, tx):
     model = model_lib.build_model(config, rngs=_make_rngs(config.seed))
     params = nnx.state(model, nnx.Param)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+            "opt_state": tx.init(params),
+            # Steps whose update nan_policy='skip' dropped.
+            "skipped_steps": jnp.zeros((), jnp.int32)}
   return init
 
 
@@ -228,27 +248,34 @@ def _param_count_line(config) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains config in workdir (resuming if it holds a run); returns a summary."""
+  """Trains config in workdir (resuming if it holds a run); returns a summary.
+
+  Stops early, saving the step, on SIGTERM/SIGINT (summary["preempted"]
+  names the signal). Refuses bad configs and workdirs with
+  validate.ConfigError before writing anything; faults during the run raise
+  faults.RunError (NonFiniteError, checkpoint.CheckpointError) in one line.
+  """
   config = validate.prepare(config)  # fills vocab_size, checks everything
   is_main = jax.process_index() == 0
   validate.check_workdir(config, workdir, allow_config_change)
+  trainer = make_trainer(config)
+  # Checkpoints of another model are refused before anything is written.
+  ckpt_lib.check_compatible(workdir, trainer.abstract_state)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     validate.write_config(config, workdir)
-
-  trainer = make_trainer(config)
-  if is_main:
     print(f"mesh {dict(trainer.mesh.shape)}; {_param_count_line(config)}",
           flush=True)
   train_iter = data_lib.make_iterator(
       config, "train",
       batch_size=config.train.batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = ckpt_lib.Checkpointer(workdir,
-                                       max_to_keep=config.train.max_to_keep)
-  latest = checkpointer.latest_step()
+  log = (lambda line: print(line, flush=True)) if is_main else None
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, max_to_keep=config.train.max_to_keep, log=log)
+  latest, state = checkpointer.restore_latest(trainer.abstract_state,
+                                              train_iter)
   if latest is not None:
-    state = checkpointer.restore(latest, trainer.abstract_state, train_iter)
     if is_main:
       print(f"resumed from {checkpointer.directory} at step {latest}",
             flush=True)
@@ -264,40 +291,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokens = _tokens_per_batch(config)
   last_train, last_eval = {}, {}
   tick, tick_step = time.perf_counter(), start
+  watch = faults.FiniteWatch(t.nan_policy, checkpointer.last_good_text)
+  guard = preemption.PreemptionGuard()
+  step, stopped_at = start, None
   try:
-    for step in range(start + 1, t.num_steps + 1):
-      batch = _global_batch(trainer, next(train_iter))
-      state, metrics = trainer.train_step(state, batch)
-      if step % t.log_every == 0 or step == t.num_steps:
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        metrics["tokens_per_sec"] = tokens * (step - tick_step) / (now - tick)
-        metrics["learning_rate"] = float(
-            optim.learning_rate_schedule(config)(step - 1))
-        tick, tick_step = now, step
-        validate.check_finite(metrics, step, checkpointer.latest_step())
-        writer.write(step, metrics)
-        last_train = metrics
-      writer.advance(step)
-      if step % t.eval_every == 0 or step == t.num_steps:
-        last_eval = evaluate(trainer, state["params"], config)
-        writer.write(step, last_eval, split="eval")
-        tick = time.perf_counter()  # eval time is not training throughput
-      if step % t.checkpoint_every == 0 or step == t.num_steps:
-        checkpointer.save(step, state, train_iter)
-        tick = time.perf_counter()
-  finally:
-    writer.close()
+    with guard:
+      for step in range(start + 1, t.num_steps + 1):
+        batch = _global_batch(trainer, next(train_iter))
+        state, metrics = trainer.train_step(state, batch)
+        watch.push(step, metrics)  # checks the previous step meanwhile
+        if step % t.log_every == 0 or step == t.num_steps:
+          watch.check()  # never log a non-finite step
+          metrics = jax.device_get(metrics)
+          del metrics["finite"]
+          now = time.perf_counter()
+          metrics["tokens_per_sec"] = tokens * (step - tick_step) / (now - tick)
+          # The optimizer's count leaves out steps nan_policy='skip' dropped.
+          metrics["learning_rate"] = float(optim.learning_rate_schedule(
+              config)(step - 1 - int(metrics["skipped_steps"])))
+          tick, tick_step = now, step
+          writer.write(step, metrics)
+          last_train = metrics
+        writer.advance(step)
+        if step % t.eval_every == 0 or step == t.num_steps:
+          watch.check()
+          last_eval = evaluate(trainer, state["params"], config)
+          writer.write(step, last_eval, split="eval")
+          tick = time.perf_counter()  # eval time is not training throughput
+        stop = guard.should_stop(step)
+        if stop or step % t.checkpoint_every == 0 or step == t.num_steps:
+          watch.check()  # never save non-finite params
+          checkpointer.save(step, state, train_iter)
+          tick = time.perf_counter()
+        if stop:
+          stopped_at = step
+          break
+  except OSError as e:
+    writer.close(quiet=True)
     checkpointer.close()
+    raise faults.io_failed(e, step, checkpointer.last_good_text()) from e
+  except BaseException:
+    writer.close(quiet=True)
+    checkpointer.close()
+    raise
+  writer.close()
+  checkpointer.close()
   summary = {
       "workdir": os.path.abspath(workdir),
-      "steps": t.num_steps,
+      "steps": step,
       "train_loss": last_train.get("loss"),
       "eval_loss": last_eval.get("loss"),
       "tokens_per_sec": last_train.get("tokens_per_sec"),
+      "preempted": guard.reason if stopped_at is not None else None,
   }
   if is_main:
-    _print_summary(summary, checkpointer.directory)
+    if stopped_at is not None:
+      print(f"stopped by {guard.reason} after step {stopped_at} of "
+            f"{t.num_steps}; saved checkpoint {stopped_at} in "
+            f"{checkpointer.directory}; run the same command again to resume",
+            flush=True)
+    else:
+      _print_summary(summary, checkpointer.directory)
   return summary
 
 

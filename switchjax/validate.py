@@ -6,8 +6,8 @@ workdir.
 """
 from __future__ import annotations
 
+import datetime
 import json
-import math
 import os
 from typing import Any, Optional
 
@@ -127,6 +127,10 @@ def _check_train(config) -> None:
               "eval_steps", "checkpoint_every", "max_to_keep"):
     if t[key] < 1:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
+  if config.moe.router_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(
+        f"moe.router_dtype must be 'float32' (or 'bfloat16' for the "
+        f"instability ablation), got {config.moe.router_dtype!r}")
   if t.nan_policy not in ("stop", "skip"):
     raise ConfigError(
         f"train.nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}")
@@ -149,22 +153,47 @@ def prepare(config: ml_collections.ConfigDict,
     vocab = data_lib.get_vocabulary(config)
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.vocab_path: {e}") from None
+  _check_data(config)
   config.model.vocab_size = vocab.vocab_size
   return config
+
+
+def _check_data(config) -> None:
+  """Prepared tfds data (C4 and the like) must be there; the bundled corpus
+  is built on first use, outside the workdir."""
+  from switchjax.data import tfds_corpus  # pylint: disable=g-import-not-at-top
+  if config.data.name in tfds_corpus.BUNDLED_NAMES:
+    return
+  try:
+    for split in ("train", "validation"):
+      tfds_corpus.data_source(config.data.name, split,
+                              config.data.data_dir or None)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"data.name: {' '.join(str(e).split())}") from None
 
 
 def _config_path(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 
 
+def _check_writable(workdir: str) -> None:
+  """The workdir, or the nearest folder that exists above it, is writable."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "" if path == os.path.abspath(workdir) else f" ({path})"
+    raise ConfigError(f"--workdir {workdir}: a file is in the way{where}; "
+                      "it must be a directory")
+  # os.access also reports a read-only filesystem, even to root.
+  if not os.access(path, os.W_OK | os.X_OK):
+    where = "" if path == os.path.abspath(workdir) else f" ({path})"
+    raise ConfigError(f"--workdir {workdir} is not writable{where}")
+
+
 def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
   """Refuses a workdir that holds another experiment, or that we can't write."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-  parent = os.path.dirname(os.path.abspath(workdir))
-  probe = workdir if os.path.isdir(workdir) else parent
-  if os.path.isdir(probe) and not os.access(probe, os.W_OK):
-    raise ConfigError(f"--workdir {workdir} is not writable")
+  _check_writable(workdir)
   path = _config_path(workdir)
   if not os.path.exists(path):
     return
@@ -191,19 +220,25 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
 
 
 def write_config(config, workdir: str) -> None:
-  tmp = _config_path(workdir) + ".tmp"
+  """Writes config.json; a different one already there goes to config_history/.
+
+  A resumed run may change run-control and (allowed) safe keys: the history
+  keeps what each part of the run used.
+  """
+  path = _config_path(workdir)
+  text = config.to_json(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == text:
+      return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y%m%dT%H%M%S.%fZ")
+    history = os.path.join(workdir, "config_history")
+    os.makedirs(history, exist_ok=True)
+    with open(os.path.join(history, f"config-{stamp}.json"), "w") as f:
+      f.write(old)
+  tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, _config_path(workdir))
-
-
-def check_finite(metrics: dict[str, Any], step: int,
-                 last_checkpoint: Optional[int]) -> None:
-  for key in ("loss", "total_loss", "grad_norm", "aux_loss", "z_loss"):
-    value = metrics.get(key)
-    if value is not None and not math.isfinite(float(value)):
-      where = (f"step {last_checkpoint}" if last_checkpoint is not None
-               else "none yet")
-      raise FloatingPointError(
-          f"{key} is {float(value)} at step {step}; last good checkpoint: "
-          f"{where}")
+    f.write(text)
+  os.replace(tmp, path)

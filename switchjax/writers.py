@@ -63,7 +63,9 @@ class MetricsWriter:
       return
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # purge_step hides the events a killed run logged past its restore step.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=first_step + 1)
     if sys.stderr.isatty():
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=first_step,
@@ -102,10 +104,15 @@ class MetricsWriter:
       self._bar.n = step
       self._bar.refresh()
 
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+  def close(self, quiet: bool = False) -> None:
+    """Closes everything; quiet: swallow write errors (a fault is already
+    being reported, e.g. the disk is full)."""
+    for closer in (self._bar, self._jsonl, self._tb):
+      if closer is None:
+        continue
+      try:
+        closer.close()
+      except OSError:
+        if not quiet:
+          raise
+    self._bar = self._jsonl = self._tb = None
