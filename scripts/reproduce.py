@@ -37,7 +37,8 @@ from switchjax import grid as grid_lib
 from switchjax import results as results_lib
 
 GRIDS = ("capacity_factor", "num_experts", "routers", "stability")
-COPIED = ("results.csv", "results.md", "curves.csv", "expert_load.json")
+COPIED = ("results.csv", "results.md", "curves.csv", "expert_load.json",
+          "grid.json")
 
 Rows = dict[str, dict[str, Any]]  # cell -> results row
 
@@ -306,7 +307,7 @@ def run_grids(names: list[str], workdir: str, report_only: bool) -> None:
     directory = os.path.join(workdir, name)
     print(f"== {name} -> {directory}", flush=True)
     if report_only:
-      sweep.report(grid, directory, sweep.prepare(grid, directory))
+      sweep.report(grid, directory, sweep.prepare(grid, None))
     else:
       sweep.run(grid, directory)
 

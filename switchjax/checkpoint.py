@@ -132,6 +132,19 @@ def check_compatible(workdir: str, abstract_state: Any) -> None:
     return
 
 
+def _save_failure(error: BaseException) -> str:
+  """'No space left on device: PATH' out of TensorStore's write errors."""
+  if isinstance(error, OSError) and error.strerror:
+    return f"{error.strerror}: {error.filename}"
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code:
+    path = re.search(r'Failed writing: "([^"]+)"', text)
+    return os.strerror(int(code.group(1))) + (f": {path.group(1)}"
+                                              if path else "")
+  return faults.one_line(error)
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs by step.
 
@@ -199,7 +212,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore report a full disk in several types.
       raise CheckpointError(
-          f"saving checkpoint step {step} failed ({faults.one_line(e)}); "
+          f"saving checkpoint step {step} failed ({_save_failure(e)}); "
           f"{self.last_good_text()}; the partial save is moved aside on the "
           "next start: fix the cause and run the same command again to "
           "resume") from e

@@ -9,6 +9,7 @@ disk, unreadable checkpoints) end with one line `error: ...` and exit 1;
 SIGTERM/SIGINT save the current step and exit 0. See docs/robustness.md.
 """
 import ast
+import logging as std_logging
 import shlex
 import sys
 
@@ -16,6 +17,9 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+# --coordinator_address, --num_processes, --process_id (imports no JAX).
+from switchjax import distributed
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/switch_base.py:tiny.",
@@ -92,11 +96,20 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     # Orbax logs every file it writes at INFO; keep the run's own lines.
     logging.set_verbosity(logging.WARNING)
+    # A failed save leaves TensorStore futures that asyncio reports again at
+    # exit, after our one `error:` line; they add nothing to it.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
   config = _load_config()
+  try:
+    # Before anything touches a device: multi-process runs join up here.
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    _fail(str(e))
   # Imported here so --help and flag errors answer without loading JAX.
   from switchjax import faults  # pylint: disable=g-import-not-at-top
   from switchjax import train  # pylint: disable=g-import-not-at-top
   from switchjax import validate  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   try:
     summary = train.train_and_evaluate(
         config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
@@ -104,7 +117,11 @@ def main(argv):
     _fail(str(e))
   except OSError as e:  # before the loop: truncating metrics, config.json
     _fail(f"{e.strerror or _last_line(e)}: {e.filename or FLAGS.workdir}")
-  if summary.get("preempted"):
+  except KeyboardInterrupt:  # Ctrl-C twice
+    print("error: interrupted without saving; the same command resumes from "
+          "the last checkpoint", file=sys.stderr)
+    sys.exit(130)
+  if summary.get("preempted") and jax.process_index() == 0:
     print("to resume: " + shlex.join([sys.executable, "-m", "switchjax.main"]
                                       + sys.argv[1:]), flush=True)
 

@@ -60,9 +60,36 @@ def _x_axis_index(grid: ml_collections.ConfigDict) -> int | None:
   return None
 
 
-def prepare(grid: ml_collections.ConfigDict, workdir: str
+def _check_finished_cell(config: ml_collections.ConfigDict, cell_dir: str,
+                         where: str) -> None:
+  """A finished cell must hold this config's run.
+
+  Compared on the keys both configs have, so a run made before the schema
+  gained keys (which then hold their defaults) still counts as finished.
+  """
+  from switchjax import validate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(cell_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = grid_lib.flatten(json.load(f))
+  new = grid_lib.flatten(json.loads(config.to_json()))
+  changed = sorted(k for k in old.keys() & new.keys()
+                   if old[k] != new[k] and k not in validate.RUN_KEYS)
+  if changed:
+    raise ValueError(
+        f"{where}: {cell_dir} holds a finished run of another config "
+        f"(differs in: {', '.join(changed)}); delete it or use a new --workdir")
+
+
+def prepare(grid: ml_collections.ConfigDict, workdir: str | None
             ) -> list[tuple[grid_lib.Cell, ml_collections.ConfigDict]]:
-  """Every cell's validated config; any bad cell raises before work starts."""
+  """Every cell's validated config; any bad cell raises before work starts.
+
+  With a workdir, also checks that each cell's directory can take its run
+  (an unfinished cell) or holds it (a finished one).
+  """
+  from switchjax import results  # pylint: disable=g-import-not-at-top
   from switchjax import validate  # pylint: disable=g-import-not-at-top
   out = []
   for cell, config in grid_lib.cell_configs(grid):
@@ -70,8 +97,13 @@ def prepare(grid: ml_collections.ConfigDict, workdir: str
     where = f"grid {grid.name!r} cell {cell.name!r}"
     try:
       config = validate.prepare(config)
-      validate.check_workdir(config, os.path.join(workdir, cell.name),
-                             allow_config_change=False)
+      if workdir is not None:
+        cell_dir = os.path.join(workdir, cell.name)
+        if (results.diverged(cell_dir)
+            or results.is_finished(cell_dir, config.train.num_steps)):
+          _check_finished_cell(config, cell_dir, where)
+        else:
+          validate.check_workdir(config, cell_dir, allow_config_change=False)
     except validate.ConfigError as e:
       raise ValueError(f"{where}: {e}") from None
     out.append((cell, config))
@@ -84,12 +116,10 @@ def _train(config: ml_collections.ConfigDict, cell_dir: str) -> None:
 
 
 def run(grid: ml_collections.ConfigDict, workdir: str, *,
-        train_fn: Callable[[Any, str], Any] | None = None,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Trains every unfinished cell of grid under workdir; returns the rows."""
   from switchjax import results  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  train_fn = train_fn or _train
   cells = prepare(grid, workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "grid.json"), "w") as f:
@@ -106,7 +136,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
     resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
     log(f"{where}: {'resuming' if resuming else 'training'} in {cell_dir}")
     try:
-      train_fn(config, cell_dir)
+      _train(config, cell_dir)
     except FloatingPointError as e:
       train_rows, _ = results.read_metrics(cell_dir)
       results.mark_diverged(cell_dir, str(e),
@@ -162,7 +192,7 @@ def main(argv):
       print_commands(grid, FLAGS.workdir)
       return
     if FLAGS.report_only:
-      rows = report(grid, FLAGS.workdir, prepare(grid, FLAGS.workdir))
+      rows = report(grid, FLAGS.workdir, prepare(grid, None))
     else:
       rows = run(grid, FLAGS.workdir)
   except ValueError as e:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from flax import nnx
 import jax
@@ -136,15 +136,15 @@ class Trainer:
       # it (faults.FiniteWatch) instead of every value.
       finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
                 & jnp.isfinite(param_norm))
-      skipped = state["skipped_steps"]
-      if c.train.nan_policy == "skip":
-        # A non-finite step leaves params and optimizer state as they were
-        # (Adafactor's moments would keep a NaN forever); it still counts as
-        # a step, so data and rng stay those of a run without the fault.
-        keep = lambda new, old: jnp.where(finite, new, old)
-        params = jax.tree.map(keep, params, state["params"])
-        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
-        skipped = skipped + (~finite).astype(jnp.int32)
+      # A non-finite step leaves params and optimizer state as they were
+      # (Adafactor's moments would keep a NaN forever); it still counts as a
+      # step, so data and rng stay those of a run without the fault. Done
+      # under either nan_policy (the select fuses into the update): 'stop'
+      # differs only on the host, which stops at the first skipped step.
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state["params"])
+      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+      skipped = state["skipped_steps"] + (~finite).astype(jnp.int32)
       metrics = {"loss": ce["nll"], "total_loss": total,
                  "accuracy": ce["accuracy"],
                  "grad_norm": grad_norm, "param_norm": param_norm,
@@ -163,14 +163,17 @@ class Trainer:
               **_router_metrics(aux, per_layer=True)}
 
     rep = partitioning.replicated(self.mesh)
-    batch_sh = partitioning.batch_sharding(self.mesh)
+    rules = partitioning.rules_from_config(c)
+    batch_sh = partitioning.batch_sharding(self.mesh, rules)
+    # Traced with the mesh and axis rules in context: the MoE layers read
+    # them to place their groups and experts (switchjax/expert_parallel.py).
     self._jit_train = jax.jit(
-        train_step,
+        partitioning.in_mesh(train_step, self.mesh, rules),
         in_shardings=(self.state_shardings, rep, batch_sh),
         out_shardings=(self.state_shardings, rep),
         donate_argnums=(0,))
     self._jit_eval = jax.jit(
-        eval_step,
+        partitioning.in_mesh(eval_step, self.mesh, rules),
         in_shardings=(self.state_shardings["params"], rep, batch_sh),
         out_shardings=rep)
 
@@ -190,8 +193,10 @@ def _init_fn(config, tx):
   return init
 
 
-def make_trainer(config: ml_collections.ConfigDict) -> Trainer:
-  mesh = partitioning.make_mesh(config)
+def make_trainer(config: ml_collections.ConfigDict,
+                 devices: Optional[Sequence[jax.Device]] = None) -> Trainer:
+  """The Trainer of `config` on a mesh of `devices` (default: all devices)."""
+  mesh = partitioning.make_mesh(config, devices)
   tx = optim.make_optimizer(config)
   abstract_model = nnx.eval_shape(
       lambda: model_lib.build_model(config, rngs=_make_rngs(config.seed)))
@@ -203,7 +208,8 @@ def make_trainer(config: ml_collections.ConfigDict) -> Trainer:
   rest = jax.jit(lambda: nnx.split(model_lib.build_model(
       config, rngs=_make_rngs(config.seed)), nnx.Param, ...)[2])()
   abstract_state = jax.eval_shape(_init_fn(config, tx))
-  shardings = partitioning.state_shardings(abstract_state, mesh)
+  shardings = partitioning.state_shardings(
+      abstract_state, mesh, partitioning.rules_from_config(config))
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
@@ -220,7 +226,8 @@ def _tokens_per_batch(config) -> int:
 
 
 def _global_batch(trainer: Trainer, local: dict[str, np.ndarray]):
-  sharding = partitioning.batch_sharding(trainer.mesh)
+  sharding = partitioning.batch_sharding(
+      trainer.mesh, partitioning.rules_from_config(trainer.config))
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local.items()}
 

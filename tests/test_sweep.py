@@ -246,6 +246,28 @@ def test_rerun_skips_finished_cells(finished_sweep, monkeypatch):
     assert a["eval_loss"] == b["eval_loss"] and b["status"] == "done"
 
 
+def test_finished_cell_of_an_older_schema_counts_other_config_refused(
+    finished_sweep, tmp_path, monkeypatch):
+  source, _ = finished_sweep
+  workdir = str(tmp_path / "micro")
+  shutil.copytree(source, workdir)
+  path = os.path.join(workdir, "dense", "config.json")
+  saved = json.load(open(path))
+  # Made before the schema had moe.router_dtype: still this experiment.
+  older = json.loads(json.dumps(saved))
+  del older["moe"]["router_dtype"]
+  json.dump(older, open(path, "w"))
+  monkeypatch.setattr(sweep, "_train", _must_not_train)
+  assert [r["status"] for r in sweep.run(micro_grid(), workdir)] == [
+      "done", "done"]
+  # A different value of a key both have: another experiment.
+  saved["moe"]["router_jitter"] = 0.5
+  json.dump(saved, open(path, "w"))
+  with pytest.raises(ValueError, match="cell 'dense': .* holds a finished run "
+                     r"of another config \(differs in: moe.router_jitter\)"):
+    sweep.run(micro_grid(), workdir)
+
+
 def test_interrupted_cell_resumes(finished_sweep, tmp_path, monkeypatch):
   source, rows = finished_sweep
   workdir = str(tmp_path / "micro")
