@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
   e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
   e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
-  e.dispatch = "fast"  # "fast" (gather/scatter) | "einsum" (GShard one-hot reference)
+  e.dispatch = "fast"  # "fast" (gather/scatter) | "einsum" (GShard one-hot reference) | "dropless" (no capacity, ragged_dot; GPU/TPU)
+  e.expert_impl = "auto"  # expert matmuls: "batched" einsum | "loop" over experts | "auto" (loop on CPU)
   e.expert_parallel = "gspmd"  # "gspmd" | "shard_map"
 
   # Device mesh ('data', 'expert', 'model'); -1 takes the devices left over.

@@ -108,7 +108,7 @@ def per_group(fn):
   Under GSPMD a gather indexed by an explicit group index is partitioned by
   replicating its operand (all-gathering every group's tokens); vmapped, the
   group axis becomes a batch dimension of the gather and stays split.
-  `axis` is where G sits in fn's output.
+  `x_axis` / `out_axis`: where G sits in x and in fn's output.
   """
   def wrapped(x, routing, *, x_axis: int, out_axis: int):
     def one(xg, rg):

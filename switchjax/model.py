@@ -94,7 +94,7 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       second_expert_policy=e.second_expert_policy,
       normalize_weights=e.normalize_weights,
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
-      expert_parallel=e.expert_parallel,
+      expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype))
 
 

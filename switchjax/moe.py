@@ -19,8 +19,16 @@ Two interchangeable dispatch paths compute the same function:
   expert outputs back by `Routing.slot_index` (token-choice routers) or
   scatter-adds them by `token_index` (expert choice). Never builds `[G, S, E, C]`.
 
+A third, "dropless" (`switchjax.dropless`), has no capacity: every choice is
+computed by grouped matmuls (`jax.lax.ragged_dot`); for GPU/TPU, slow on CPU.
+The experts' matmuls run batched over E or one expert at a time (`expert_impl`,
+see `Experts`); every combination computes the same function.
+
 Dispatch, experts and combine are separate functions so that sharding
-constraints / a shard_map all-to-all can wrap each one.
+constraints / a shard_map all-to-all can wrap each one. On a device mesh
+(traced under `partitioning.in_mesh`) groups stay on their devices and the
+experts are split over 'expert': `expert_parallel='gspmd' | 'shard_map'`
+(`switchjax.expert_parallel`); the function computed is the same.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from switchjax import dropless as dropless_lib
 from switchjax import expert_parallel as expert_parallel_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
@@ -401,7 +410,7 @@ class MoeLayer(nnx.Module):
                second_expert_policy: str = "all",
                normalize_weights: bool = True, batch_prioritized: bool = False,
                dispatch: str = "fast", expert_parallel: str = "gspmd",
-               init_scale: float = 0.1,
+               expert_impl: str = "auto", init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
     _check_choice("router", router, ROUTERS)
@@ -421,6 +430,10 @@ class MoeLayer(nnx.Module):
         raise ValueError(f"{name} must be > 0, got {cf}.")
     if group_size < 1:
       raise ValueError(f"group_size must be >= 1, got {group_size}.")
+    if dispatch == "dropless" and router == "expert_choice":
+      raise ValueError(
+          "dispatch 'dropless' needs a token-choice router; 'expert_choice' "
+          "picks a fixed number of tokens per expert (use 'fast' or 'einsum').")
 
     self.d_model = d_model
     self.num_experts = num_experts
@@ -444,7 +457,8 @@ class MoeLayer(nnx.Module):
                          rngs=rngs)
     self.experts = Experts(num_experts, d_model, d_ff, activation=activation,
                            dropout=expert_dropout, init_scale=init_scale,
-                           dtype=dtype, deterministic=deterministic, rngs=rngs)
+                           dtype=dtype, impl=expert_impl,
+                           deterministic=deterministic, rngs=rngs)
     needs_rng = router == "noisy_topk" or (
         router == "gshard" and second_expert_policy == "random")
     self.rngs = _fork_stream(rngs, ("router", "dropout")) if needs_rng else None
@@ -454,7 +468,12 @@ class MoeLayer(nnx.Module):
           "stream 'router' or 'dropout' in rngs.")
 
   def capacity(self, tokens_per_group: int) -> int:
-    """Expert capacity C for groups of `tokens_per_group` in the current mode."""
+    """Expert capacity C for groups of `tokens_per_group` in the current mode.
+
+    Dropless dispatch: S, so that the router never drops a choice for room.
+    """
+    if self.dispatch == "dropless":
+      return tokens_per_group
     factor = (self.eval_capacity_factor if self.deterministic
               else self.train_capacity_factor)
     capacity = routing_lib.expert_capacity(
@@ -489,7 +508,10 @@ class MoeLayer(nnx.Module):
     groups = expert_parallel_lib.constrain_groups(groups)
     routing, logits = self.route(groups)
     groups = groups.astype(self.dtype)
-    if expert_parallel_lib.uses_shard_map(self.expert_parallel):
+    if self.dispatch == "dropless":
+      y = dropless_lib.apply(groups, routing, self.experts,
+                             deterministic=self.deterministic)
+    elif expert_parallel_lib.uses_shard_map(self.expert_parallel):
       y = expert_parallel_lib.shard_map_experts(self, groups, routing)
     else:
       dispatch, combine = ((dispatch_einsum, combine_einsum)

@@ -151,10 +151,10 @@ def logical_to_spec(names: Sequence[Optional[str]],
     raise ValueError(f"logical names {tuple(names)} do not match shape "
                      f"{tuple(shape)}")
   used: set[str] = set()
-  spec = []
+  dims = []
   for i, name in enumerate(names):
     if name is None:
-      spec.append(None)
+      dims.append(None)
       continue
     if name not in rules:
       raise ValueError(
@@ -170,10 +170,10 @@ def logical_to_spec(names: Sequence[Optional[str]],
       axes.append(axis)
       size *= n
     used.update(axes)
-    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
-  while spec and spec[-1] is None:
-    spec.pop()
-  return P(*spec)
+    dims.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  while dims and dims[-1] is None:
+    dims.pop()
+  return P(*dims)
 
 
 def variable_names(v: Any) -> Optional[tuple[Optional[str], ...]]:
@@ -302,9 +302,12 @@ def current_rules() -> Rules:
 
 
 def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
-  """The mesh of the current trace, or None when there is none."""
+  """The mesh of the current trace; None without one or with one device.
+
+  One device needs no placement: layers then run their plain code.
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
+  return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def in_mesh(fn: Callable, mesh: jax.sharding.Mesh,

@@ -187,17 +187,21 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   grid = FLAGS.config
-  try:
-    if FLAGS.print_commands:
+  if FLAGS.print_commands:  # without importing JAX
+    try:
       print_commands(grid, FLAGS.workdir)
-      return
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    return
+  from switchjax import faults  # pylint: disable=g-import-not-at-top
+  from switchjax import results  # pylint: disable=g-import-not-at-top
+  try:
     if FLAGS.report_only:
       rows = report(grid, FLAGS.workdir, prepare(grid, None))
     else:
       rows = run(grid, FLAGS.workdir)
-  except ValueError as e:
+  except (ValueError, faults.RunError) as e:  # one line; a rerun resumes
     sys.exit(f"error: {e}")
-  from switchjax import results  # pylint: disable=g-import-not-at-top
   print(results.markdown_table(rows, grid.loss_threshold))
   print(f"results: {os.path.join(FLAGS.workdir, 'results.md')} (.csv, *.png)")
 
