@@ -23,6 +23,7 @@ from flax import nnx
 
 from switchjax import attention
 from switchjax import moe as moe_lib
+from switchjax import partitioning
 from switchjax import routing as routing_lib
 
 ARCHS = ("encoder_decoder", "decoder_only")
@@ -262,7 +263,8 @@ class _LanguageModel(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """i32[B, L] -> [B, L, M] in dtype."""
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    return partitioning.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """[B, L, M] -> f32[B, L, V]."""
@@ -272,7 +274,8 @@ class _LanguageModel(nnx.Module):
       logits = jnp.einsum("BLM,VM->BLV", x, w) * (x.shape[-1] ** -0.5)
     else:
       logits = jnp.einsum("BLM,MV->BLV", x, self.head[...].astype(self.dtype))
-    return logits.astype(jnp.float32)
+    return partitioning.with_logical_constraint(
+        logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 class EncoderDecoder(_LanguageModel):

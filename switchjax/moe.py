@@ -96,9 +96,14 @@ def _ffn_init(init_scale: float):
   have the paper's std; fan_in is the second-to-last axis (the leading expert
   axis of stacked weights is a batch axis).
   """
-  return jax.nn.initializers.variance_scaling(
-      init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-      batch_axis=(0,))
+  def init(key, shape, dtype=jnp.float32):
+    # Only stacked [E, M, H] weights have a batch (expert) axis; on a 2-D
+    # [M, H] weight axis 0 is the fan-in axis itself.
+    batch = (0,) if len(shape) > 2 else ()
+    return jax.nn.initializers.variance_scaling(
+        init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+        batch_axis=batch)(key, shape, dtype)
+  return init
 
 
 def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
@@ -199,8 +204,9 @@ def _expert_loop_default() -> bool:
   """
   if jax.default_backend() != "cpu":
     return False
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or dict(mesh.shape).get("expert", 1) == 1
+  mesh = partitioning.current_mesh()
+  return mesh is None or partitioning.axes_size(
+      partitioning.axes_of("expert", mesh), mesh) == 1
 
 
 class Experts(nnx.Module):

@@ -364,3 +364,14 @@ def constrain(x: jax.Array, partition: P) -> jax.Array:
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition))
+
+
+def with_logical_constraint(x: jax.Array,
+                            names: Sequence[Optional[str]]) -> jax.Array:
+  """Constrains activation x to its logical axis `names` under the current
+  mesh and rules (axes that do not divide a dimension are left out); a no-op
+  without a mesh."""
+  mesh = current_mesh()
+  if mesh is None:
+    return x
+  return constrain(x, logical_to_spec(names, x.shape, mesh, current_rules()))

@@ -254,6 +254,10 @@ def test_init_scales():
     assert abs(float(jnp.std(w)) / std - 1) < 0.05
     # Truncated at 2 std of the underlying normal.
     assert float(jnp.abs(w).max()) <= 2 * std / 0.87962566 + 1e-6
+  # The dense FFN has the same per-matrix std (no expert axis to skip).
+  mlp = moe.MlpBlock(64, 256, init_scale=init_scale, rngs=nnx.Rngs(0))
+  for w, fan_in in ((mlp.wi[...], 64), (mlp.wo[...], 256)):
+    assert abs(float(jnp.std(w)) / math.sqrt(init_scale / fan_in) - 1) < 0.05
   router = moe.Router(64, 256, init_std=0.02, rngs=nnx.Rngs(0))
   assert abs(float(jnp.std(router.kernel[...])) / 0.02 - 1) < 0.05
 
