@@ -182,7 +182,8 @@ def main(argv=None) -> list[dict]:
   for v, c in configs.items():
     runner = _Runner(c)
     runners[v] = runner
-    weights = expert_weights(runner.state)
+    # Own buffers of the experts' sizes: the step donates (deletes) the state's.
+    weights = [jnp.ones(w.shape, w.dtype) for w in expert_weights(runner.state)]
     if weights:
       copy = jax.jit(lambda ws: [jnp.negative(w) for w in ws])
       copies[v] = ((lambda copy=copy, ws=weights: copy(ws)),
