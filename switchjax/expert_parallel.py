@@ -35,13 +35,11 @@ correction t5x applies by hand for its per-device expert loss).
 """
 from __future__ import annotations
 
-import math
 import types
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from switchjax import partitioning
 from switchjax import routing as routing_lib

@@ -26,13 +26,19 @@ class ConfigError(ValueError):
 # Keys a resumed run may change freely: they steer the run, not the experiment.
 RUN_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
             "train.eval_steps", "train.checkpoint_every", "train.max_to_keep",
-            "mesh.data", "mesh.expert", "mesh.model", "moe.dispatch",
-            "moe.expert_parallel", "model.remat")
+            "mesh.data", "mesh.expert", "mesh.model", "moe.expert_parallel",
+            "model.remat")
 # Keys it may change only with --allow_config_change: the optimisation
 # schedule and evaluation, which change what follows but not the model.
 SAFE_KEYS = ("train.learning_rate", "train.schedule", "train.warmup_steps",
              "train.grad_clip", "train.weight_decay", "train.nan_policy",
-             "train.label_smoothing", "moe.eval_capacity_factor")
+             "train.label_smoothing", "moe.eval_capacity_factor",
+             "moe.dispatch")  # 'fast' == 'einsum', but 'dropless' drops nothing
+
+
+def _is_run_key(key: str) -> bool:
+  # Sharding rules, like the mesh, change where arrays live, not their values.
+  return key in RUN_KEYS or key.startswith("partitioning.rules.")
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -85,6 +91,19 @@ def _check_moe(config) -> None:
       raise ConfigError(
           f"moe.num_selected={k} must be in [1, moe.num_experts="
           f"{e.num_experts}] for router {router!r}")
+  if e.dispatch not in ("fast", "einsum", "dropless"):
+    raise ConfigError(
+        f"moe.dispatch must be 'fast', 'einsum' or 'dropless', got "
+        f"{e.dispatch!r}")
+  if e.expert_parallel not in ("gspmd", "shard_map"):
+    raise ConfigError(
+        f"moe.expert_parallel must be 'gspmd' or 'shard_map', got "
+        f"{e.expert_parallel!r}")
+  if e.dispatch == "dropless" and "expert_choice" in (
+      e.router, e.encoder_router, e.decoder_router):
+    raise ConfigError(
+        "moe.dispatch='dropless' needs token-choice routers; expert_choice "
+        "has no per-token choices to sort")
   if e.group_size < 1:
     raise ConfigError(f"moe.group_size must be >= 1, got {e.group_size}")
   d, t = config.data, config.train
@@ -150,6 +169,10 @@ def prepare(config: ml_collections.ConfigDict,
   _check_moe(config)
   _check_mesh(config, num_devices or jax.device_count())
   try:
+    partitioning.rules_from_config(config)
+  except ValueError as e:
+    raise ConfigError(f"partitioning.rules: {e}") from None
+  try:
     vocab = data_lib.get_vocabulary(config)
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.vocab_path: {e}") from None
@@ -205,7 +228,7 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
                       "this workdir") from None
   new = flatten(config)
   changed = sorted(k for k in set(old) | set(new)
-                   if old.get(k) != new.get(k) and k not in RUN_KEYS)
+                   if old.get(k) != new.get(k) and not _is_run_key(k))
   if not changed:
     return
   unsafe = [k for k in changed if k not in SAFE_KEYS]

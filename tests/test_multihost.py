@@ -17,9 +17,11 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
+from switchjax import distributed
 from switchjax import train
 from switchjax import validate
 
@@ -126,3 +128,26 @@ def test_two_processes_train_like_one(tmp_path):
       np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
       jax.device_get(want_state["params"]),
       jax.device_get(restored["params"]))
+
+
+def test_initialize_flags_and_environment(monkeypatch):
+  for var in list(os.environ):
+    if var in distributed._CLUSTER_ENV or var.startswith(("SLURM_", "TPU_")):
+      monkeypatch.delenv(var)
+  assert distributed.detected_cluster() is None
+  assert distributed.initialize() is False  # no flags, no cluster: one process
+  assert distributed.initialize("localhost:1", 1, 0) is False
+  with pytest.raises(ValueError, match="go together"):
+    distributed.initialize(num_processes=2)
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\), got 2"):
+    distributed.initialize("localhost:1", 2, 2)
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed.detected_cluster() is None  # a one-task SLURM job
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed.detected_cluster() == "SLURM"
+  monkeypatch.delenv("SLURM_JOB_ID")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0")
+  assert distributed.detected_cluster() is None  # a single-host TPU VM
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1")
+  assert distributed.detected_cluster() == "Cloud TPU"

@@ -16,7 +16,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from switchjax import checkpoint as ckpt_lib
-from switchjax import config_base
 from switchjax import moe
 from switchjax import optim
 from switchjax import partitioning
