@@ -15,7 +15,8 @@ Each step is compiled and warmed up, then the variants are timed one step
 at a time, interleaved, for `--repeats` rounds; the table gives median step
 times (wall and process CPU), tokens/s, the step-time ratio to dense, and
 the floor for many experts: dense step + a copy of all expert weights (read
-every weight, write a gradient's worth of bytes). MFU = model FLOPs / (step
+every weight, write a gradient's worth of bytes; timed on one MoE layer's
+experts and multiplied by the number of MoE layers). MFU = model FLOPs / (step
 time * --peak_flops) where the peak is given (e.g. 989e12 for an H100's dense
 bf16); model FLOPs count the active matmuls only (3x the forward's).
 
@@ -144,11 +145,14 @@ def synthetic_batch(c: ml_collections.ConfigDict, seed: int = 0) -> dict:
   }
 
 
-def expert_weights(state) -> list[jax.Array]:
-  """Every MoE layer's stacked expert weights in the train state."""
-  flat = jax.tree_util.tree_leaves_with_path(state["params"])
-  return [leaf for path, leaf in flat
-          if "experts" in jax.tree_util.keystr(path)]
+def expert_layers(state) -> list[list[jax.Array]]:
+  """The stacked expert weights of each MoE layer in the train state."""
+  layers: dict[str, list[jax.Array]] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
+    name = jax.tree_util.keystr(path)
+    if "experts" in name:
+      layers.setdefault(name.split("experts")[0], []).append(leaf)
+  return list(layers.values())
 
 
 def _measure(fn: Callable[[], object]) -> dict[str, float]:
@@ -182,14 +186,17 @@ def main(argv=None) -> list[dict]:
   for v, c in configs.items():
     runner = _Runner(c)
     runners[v] = runner
-    # Own buffers of the experts' sizes: the step donates (deletes) the state's.
-    weights = [jnp.ones(w.shape, w.dtype) for w in expert_weights(runner.state)]
-    if weights:
+    layers = expert_layers(runner.state)
+    if layers:
+      # The floor's copy: one MoE layer's expert weights (own buffers: the
+      # step donates the state's), timed and multiplied by the layer count;
+      # copying all layers at once would hold another model's worth of memory.
+      weights = [jnp.ones(w.shape, w.dtype) for w in layers[0]]
       copy = jax.jit(lambda ws: [jnp.negative(w) for w in ws])
-      copies[v] = ((lambda copy=copy, ws=weights: copy(ws)),
-                   sum(w.size * w.dtype.itemsize for w in weights))
+      copies[v] = ((lambda copy=copy, ws=weights: copy(ws)), len(layers),
+                   sum(w.size * w.dtype.itemsize for ws in layers for w in ws))
   fns = dict(runners)
-  fns.update({f"copy:{v}": fn for v, (fn, _) in copies.items()})
+  fns.update({f"copy:{v}": fn for v, (fn, _, _) in copies.items()})
   print(f"devices: {jax.devices()}; d_model={args.d_model} layers={args.layers}"
         f"+{args.layers} d_ff={args.d_ff} batch={args.batch_size}x"
         f"({args.inputs_length}+{args.targets_length}) dtype={args.dtype} "
@@ -218,12 +225,13 @@ def main(argv=None) -> list[dict]:
                               if "dense" in configs else None),
            "vs_dense": med[v]["wall"] / dense["wall"] if dense else None,
            "cpu_vs_dense": med[v]["cpu"] / dense["cpu"] if dense else None,
-           "expert_mb": copies[v][1] / 2**20 if v in copies else None,
+           "expert_mb": copies[v][2] / 2**20 if v in copies else None,
            "floor_ms": None, "vs_floor": None, "cpu_vs_floor": None,
            "mfu": (flops / (med[v]["wall"] / 1e3) / args.peak_flops
                    if args.peak_flops > 0 else None)}
     if v in copies and dense:
-      floor = {k: dense[k] + med[f"copy:{v}"][k] for k in ("wall", "cpu")}
+      count = copies[v][1]
+      floor = {k: dense[k] + count * med[f"copy:{v}"][k] for k in ("wall", "cpu")}
       row.update(floor_ms=floor["wall"], vs_floor=med[v]["wall"] / floor["wall"],
                  cpu_vs_floor=med[v]["cpu"] / floor["cpu"])
     rows.append(row)
