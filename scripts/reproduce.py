@@ -88,21 +88,22 @@ def verdict(better: float, worse: float, noise: float) -> str:
 
 
 def finding_a(g: dict[str, Rows], noise: float) -> tuple[str, str]:
-  cf, ne = g["capacity_factor"], g.get("num_experts", {})
+  cf = g["capacity_factor"]
   dense = _need(cf, "dense", "dense_seed1")
   switch = _need(cf, "top1_cf1.25", "top1_cf1.25_seed1")
   d, s = sum(dense) / 2, sum(switch) / 2
-  text = (f"Eval loss after equal steps, mean of seeds 0 and 1: Switch top-1 "
-          f"(8 experts, cf 1.25) {_fmt(s)} vs dense {_fmt(d)} "
-          f"(difference {_fmt(d - s)}; seed noise {_fmt(noise)}). "
-          "Every top-1 cell: " + ", ".join(
+  text = (f"Eval loss after equal steps, Switch top-1 (8 experts, cf 1.25) "
+          f"vs dense: seed 0 {_fmt(switch[0])} vs {_fmt(dense[0])}, seed 1 "
+          f"{_fmt(switch[1])} vs {_fmt(dense[1])}; mean {_fmt(s)} vs "
+          f"{_fmt(d)} (difference {_fmt(d - s)}; seed noise {_fmt(noise)}). "
+          "Every top-1 cell (seed 0): " + ", ".join(
               f"cf {c} {_fmt(_loss(cf, f'top1_cf{c}'))}"
               for c in ("1.0", "1.25", "2.0")) + ".")
-  extra = [c for c in ("dense", "e8") if _loss(ne, c) is not None]
-  if len(extra) == 2:
-    text += (f" num_experts grid (seed 0): e8 {_fmt(_loss(ne, 'e8'))} vs "
-             f"dense {_fmt(_loss(ne, 'dense'))}.")
-  return text, verdict(s, d, noise)
+  v = verdict(s, d, noise)
+  wins = sum(a < b for a, b in zip(switch, dense))
+  if v != "agrees" and wins == len(dense):
+    v += "; Switch lower in both seeds"
+  return text, v
 
 
 def finding_b(g: dict[str, Rows], noise: float) -> tuple[str, str]:
@@ -134,7 +135,9 @@ def finding_c(g: dict[str, Rows], noise: float) -> tuple[str, str]:
   for k in ("top1", "top2"):
     cells = [f"{k}_cf{c}" for c in factors]
     losses = _need(cf, *cells)
-    quality.append(f"{k} {verdict(losses[-1], losses[0], noise)}")
+    falls = all(b < a for a, b in zip(losses, losses[1:]))
+    quality.append(f"{k} {verdict(losses[-1], losses[0], noise)}"
+                   + (" (falls as the factor grows)" if falls else ""))
     drops = [_metric(cf, c, "dropped_pct") for c in cells]
     speed = [_metric(cf, c, "tokens_per_sec") for c in cells]
     reach = [cf[c].get("time_to_threshold") for c in cells]
@@ -158,10 +161,11 @@ def finding_c(g: dict[str, Rows], noise: float) -> tuple[str, str]:
 
 def finding_d(g: dict[str, Rows], noise: float) -> tuple[str, str]:
   cf = g["capacity_factor"]
-  rows, wins = [], 0
+  rows, wins, lower = [], 0, 0
   for c in ("1.0", "1.25", "2.0"):
     top1, top2 = _need(cf, f"top1_cf{c}", f"top2_cf{c}")
     wins += verdict(top2, top1, noise) == "agrees"
+    lower += top2 < top1
     s1 = _metric(cf, f"top1_cf{c}", "tokens_per_sec")
     s2 = _metric(cf, f"top2_cf{c}", "tokens_per_sec")
     rows.append(f"cf {c}: top-2 {_fmt(top2)} vs top-1 {_fmt(top1)} "
@@ -175,6 +179,8 @@ def finding_d(g: dict[str, Rows], noise: float) -> tuple[str, str]:
     v = f"partly (top-2 better beyond noise at {wins} of 3 factors)"
   else:
     v = "inconclusive (no difference beyond seed noise)"
+    if lower == 3:
+      v += "; top-2 lower at all 3 factors"
   return text, v
 
 
