@@ -20,7 +20,7 @@ experts and multiplied by the number of MoE layers). MFU = model FLOPs / (step
 time * --peak_flops) where the peak is given (e.g. 989e12 for an H100's dense
 bf16); model FLOPs count the active matmuls only (3x the forward's).
 
-  python -m benchmarks.train_step                    # ~10 min on 2 CPU cores
+  python -m benchmarks.train_step                    # ~15 min on 2 CPU cores
   python -m benchmarks.train_step --variants dense,switch8 --repeats 3
   python -m benchmarks.train_step --dtype bfloat16 --batch_size 64 --peak_flops 989e12
 """
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
                  help=f"comma-separated, from {VARIANTS}")
-  p.add_argument("--batch_size", type=int, default=8, help="sequences per step")
+  p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
   p.add_argument("--inputs_length", type=int, default=128)
   p.add_argument("--targets_length", type=int, default=32)
   p.add_argument("--d_model", type=int, default=512)

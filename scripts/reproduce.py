@@ -308,6 +308,7 @@ def _git(*args: str) -> str:
 
 
 def run_grids(names: list[str], workdir: str, report_only: bool) -> None:
+  """Runs (or reports) the grids in order; stops after a stopped sweep."""
   from switchjax import sweep  # pylint: disable=g-import-not-at-top
   for name in names:
     grid = grid_lib.load_grid(
@@ -316,8 +317,12 @@ def run_grids(names: list[str], workdir: str, report_only: bool) -> None:
     print(f"== {name} -> {directory}", flush=True)
     if report_only:
       sweep.report(grid, directory, sweep.prepare(grid, None))
-    else:
-      sweep.run(grid, directory)
+      continue
+    rows = sweep.run(grid, directory)
+    if any(r["status"] not in ("done", "diverged") for r in rows):
+      print(f"== {name} stopped before its last cell (preempted?); the "
+            "report marks what is missing; run again to resume", flush=True)
+      return
 
 
 def collect(names: list[str], workdir: str, out_dir: str

@@ -8,7 +8,8 @@ Cells train one after another in this process, each in DIR/<cell> exactly as
 finished cells are skipped, an interrupted one resumes from its newest
 checkpoint, and the table and plots are rebuilt. A cell whose loss becomes
 NaN is recorded as diverged (DIR/<cell>/diverged.json) and not retried;
-delete its directory to train it again.
+delete its directory to train it again. SIGTERM or Ctrl-C stops the cell
+in training at a step boundary (saved) and the sweep with it.
 
 Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
@@ -110,9 +111,10 @@ def prepare(grid: ml_collections.ConfigDict, workdir: str | None
   return out
 
 
-def _train(config: ml_collections.ConfigDict, cell_dir: str) -> None:
+def _train(config: ml_collections.ConfigDict, cell_dir: str
+           ) -> dict[str, Any]:
   from switchjax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, cell_dir)
+  return train.train_and_evaluate(config, cell_dir)
 
 
 def run(grid: ml_collections.ConfigDict, workdir: str, *,
@@ -136,13 +138,20 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
     resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
     log(f"{where}: {'resuming' if resuming else 'training'} in {cell_dir}")
     try:
-      _train(config, cell_dir)
+      summary = _train(config, cell_dir) or {}
     except FloatingPointError as e:
       train_rows, _ = results.read_metrics(cell_dir)
       results.mark_diverged(cell_dir, str(e),
                             train_rows[-1]["step"] if train_rows else None)
       log(f"{where}: diverged: {e}")
+      summary = {}
     jax.clear_caches()  # compiled steps of this cell are not needed again
+    if summary.get("preempted"):
+      # The run saved its step and returned: stop the sweep too, so that
+      # a preemption notice ends it; the same command resumes this cell.
+      log(f"{where}: stopped by {summary['preempted']}; the sweep stops "
+          "here, run the same command again to resume")
+      break
   return report(grid, workdir, cells)
 
 

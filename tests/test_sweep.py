@@ -312,6 +312,18 @@ def test_diverged_cell_is_recorded_and_not_retried(tmp_path, monkeypatch):
   assert sweep.run(g, workdir)[0]["status"] == "diverged"
 
 
+def test_preempted_cell_stops_the_sweep(tmp_path, monkeypatch):
+  trained = []
+
+  def preempted(config, cell_dir):
+    trained.append(os.path.basename(cell_dir))
+    return {"preempted": "SIGTERM"}  # saved a step and returned early
+  monkeypatch.setattr(sweep, "_train", preempted)
+  rows = sweep.run(micro_grid(), str(tmp_path / "micro"))
+  assert trained == ["cf1.0"]  # dense never started
+  assert [r["status"] for r in rows] == ["not started", "not started"]
+
+
 # ---------------------------------------------------------------------------
 # The command line.
 
