@@ -31,6 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from switchjax.validate import flatten  # dotted keys, shared with config checks
+
 Overrides = dict[str, Any]
 Axis = tuple[tuple[str, Overrides], ...]
 
@@ -144,18 +146,6 @@ def expand(grid: ml_collections.ConfigDict) -> list[Cell]:
       raise ValueError(f"grid {grid.name!r}: two cells are named {cell.name!r}")
     seen.add(cell.name)
   return cells
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested mapping -> {dotted key: leaf value}."""
-  out = {}
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
 
 
 def resolve_path(path: str) -> str:
