@@ -41,6 +41,25 @@ def _last_line(error: BaseException) -> str:
   return lines[-1] if lines else type(error).__name__
 
 
+def _quiet_failed_save_echoes() -> None:
+  """Drops what a failed checkpoint save repeats after our `error:` line.
+
+  Orbax logs the exception of its writer thread, and TensorStore callbacks
+  then call into the writer's closed asyncio loop, each printing a
+  traceback from its own thread, interleaved with our line. The save's
+  cause is already in that line (checkpoint.CheckpointManager.save).
+  """
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  logging.get_absl_logger().addFilter(
+      lambda r: "_SignalingThread.run() raised" not in r.getMessage())
+  hook = sys.excepthook
+
+  def excepthook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+  sys.excepthook = excepthook
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with every mistake as one line instead of a trace."""
   try:
@@ -96,9 +115,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     # Orbax logs every file it writes at INFO; keep the run's own lines.
     logging.set_verbosity(logging.WARNING)
-    # A failed save leaves TensorStore futures that asyncio reports again at
-    # exit, after our one `error:` line; they add nothing to it.
-    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    _quiet_failed_save_echoes()
   config = _load_config()
   try:
     # Before anything touches a device: multi-process runs join up here.

@@ -431,3 +431,19 @@ def test_reproduce_report_marks_missing_grids_pending(tmp_path):
   assert "cells top2_cf2.0 not finished" in findings[2]
   assert all(v == "pending" for v in verdicts[4:])
   assert "## Grid `capacity_factor`" in out.read_text()
+
+
+def test_reproduce_collect_keeps_checked_in_grids(tmp_path):
+  """A grid rerun alone is copied in; the others keep their checked-in copy."""
+  rep = _reproduce_module()
+  checked_in = os.path.join(ROOT, "docs", "results")
+  workdir, out_dir = tmp_path / "runs", tmp_path / "results"
+  shutil.copytree(os.path.join(checked_in, "stability"), workdir / "stability")
+  shutil.copytree(os.path.join(checked_in, "routers"), out_dir / "routers")
+  rows, curves = rep.collect(["routers", "stability", "num_experts"],
+                             str(workdir), str(out_dir))
+  assert sorted(rows) == ["routers", "stability"]  # num_experts: nowhere
+  assert (out_dir / "stability" / "results.csv").read_bytes() == (
+      workdir / "stability" / "results.csv").read_bytes()
+  assert rows["routers"]["switch"]["status"] == "done"
+  assert len(rows["stability"]) == 8 and curves["stability"]

@@ -2,7 +2,8 @@
 
   switch        top-1 (Fedus et al. 2021), capacity factor 1.25
   gshard        top-2 (Lepikhin et al. 2020, Algorithm 1), capacity factor 1.25
-  gshard_cf2    top-2 at capacity factor 2.0: the token-choice twin of ...
+  gshard_cf2    top-2 at capacity factor 2.0: the token-choice twin of
+                expert_choice (same capacity, same compute)
   expert_choice expert choice in the encoder (Zhou et al. 2022, EC-CF2: each
                 expert takes 2S/E tokens, two experts per token on average,
                 the compute of top-2) and top-2 token choice in the decoder,
