@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from switchjax import dropless as dropless_lib
+from switchjax import expert_loop
 from switchjax import expert_parallel as expert_parallel_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
@@ -254,23 +255,12 @@ class Experts(nnx.Module):
     """x[E, G, C, M] -> [E, G, C, M], one expert's 2-D matmuls at a time."""
     e, g, c, m = x.shape
     names = ("wi_0", "wi_1") if self.activation == "gated_gelu" else ("wi",)
-    wi = tuple(getattr(self, n)[...].astype(self.dtype) for n in names)
-    wo = self.wo[...].astype(self.dtype)
-    mask = self.dropout_mask((e, g, c, wo.shape[1]), deterministic)
+    wi = tuple(getattr(self, n)[...] for n in names)
+    mask = self.dropout_mask((e, g, c, wi[0].shape[2]), deterministic)
     if mask is not None:
       mask = mask.reshape(e, g * c, -1)
-
-    def one_expert(args):
-      xe, wie, woe, mask_e = args  # [T, M], ([M, H], ...), [H, M], [T, H] or None
-      if self.activation == "gated_gelu":
-        h = jax.nn.gelu(xe @ wie[0], approximate=True) * (xe @ wie[1])
-      else:
-        h = jax.nn.relu(xe @ wie[0])
-      if mask_e is not None:
-        h = h * mask_e
-      return h @ woe
-
-    y = jax.lax.map(one_expert, (x.reshape(e, g * c, m), wi, wo, mask))
+    y = expert_loop.ffn(x.reshape(e, g * c, m), wi, self.wo[...], mask,
+                        self.activation, self.dtype)
     return y.reshape(e, g, c, m)
 
   def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None) -> jax.Array:
