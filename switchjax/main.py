@@ -42,22 +42,24 @@ def _last_line(error: BaseException) -> str:
 
 
 def _quiet_failed_save_echoes() -> None:
-  """Drops what a failed checkpoint save repeats after our `error:` line.
+  """Drops the echoes of a failed checkpoint save around our `error:` line.
 
   Orbax logs the exception of its writer thread, and TensorStore callbacks
   then call into the writer's closed asyncio loop, each printing a
-  traceback from its own thread, interleaved with our line. The save's
-  cause is already in that line (checkpoint.CheckpointManager.save).
+  traceback from its own thread, which can land in the middle of our line.
+  The save's cause is already in that line (checkpoint.CheckpointManager).
   """
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
   logging.get_absl_logger().addFilter(
       lambda r: "_SignalingThread.run() raised" not in r.getMessage())
-  hook = sys.excepthook
+  # TensorStore reports them as unraisable (PyErr_WriteUnraisable).
+  hook = sys.unraisablehook
 
-  def excepthook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      hook(kind, value, tb)
-  sys.excepthook = excepthook
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  sys.unraisablehook = unraisablehook
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
