@@ -198,9 +198,9 @@ class Router(nnx.Module):
 def _expert_loop_default() -> bool:
   """Experts impl 'auto': loop over experts on CPU unless they are split over devices.
 
-  On CPU, XLA's batched matmul over E runs the E small matmuls at 1/2 to 1/3
-  of the speed of the same matmuls done one expert at a time (README, Speed);
-  on GPU/TPU the batched einsum is the fast one. A loop over an axis that the
+  On CPU, one matmul per expert is as fast as XLA's batched matmul over E at
+  E=8 and faster with many small experts (E=128: 0.69x the time,
+  benchmarks/moe_breakdown.py); on GPU/TPU the batched einsum is the fast one. A loop over an axis that the
   mesh splits ('expert' > 1) would gather the weights: keep the einsum there.
   """
   if jax.default_backend() != "cpu":
