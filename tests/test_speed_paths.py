@@ -66,6 +66,13 @@ def _assert_same(a, b, rtol=1e-5, atol=1e-6):
                                aux_b.metrics.dropped_fraction)
 
 
+def _as_float32(result):
+  """A `_grads` result (y, None, param grads, input grad) in float32."""
+  y, aux, grads, gx = result
+  f32 = lambda a: np.asarray(a, np.float32)
+  return f32(y), aux, {k: f32(v) for k, v in grads.items()}, f32(gx)
+
+
 # --- Experts: batched einsum vs loop over experts ---------------------------
 
 @pytest.mark.parametrize("activation", ["relu", "gated_gelu"])
@@ -88,13 +95,6 @@ def test_expert_loop_equals_batched(activation, dropout, dtype):
     _assert_same(*results)
   else:  # bfloat16 roundings apart at most
     _assert_same(*map(_as_float32, results), rtol=2e-2, atol=2e-2)
-
-
-def _as_float32(result):
-  """A `_grads` result (y, None, param grads, input grad) in float32."""
-  y, aux, grads, gx = result
-  f32 = lambda a: np.asarray(a, np.float32)
-  return f32(y), aux, {k: f32(v) for k, v in grads.items()}, f32(gx)
   if dropout:  # the case really drops units: some hidden grads vanish
     batched = moe.Experts(E, M, H, activation=activation, dropout=dropout,
                           impl="batched", rngs=nnx.Rngs(0))
