@@ -41,17 +41,18 @@ def _last_line(error: BaseException) -> str:
   return lines[-1] if lines else type(error).__name__
 
 
-def _quiet_failed_save_echoes() -> None:
+def _quiet_failed_save_echoes(logs: bool) -> None:
   """Drops the echoes of a failed checkpoint save around our `error:` line.
 
-  Orbax logs the exception of its writer thread, and TensorStore callbacks
-  then call into the writer's closed asyncio loop, each printing a
-  traceback from its own thread, which can land in the middle of our line.
-  The save's cause is already in that line (checkpoint.CheckpointManager).
+  TensorStore callbacks call into the closed asyncio loop of orbax's writer,
+  each printing a traceback from its own thread, which can land in the
+  middle of our line; with `logs`, also orbax's and asyncio's log of the
+  same failure. The save's cause is already in our line.
   """
-  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-  logging.get_absl_logger().addFilter(
-      lambda r: "_SignalingThread.run() raised" not in r.getMessage())
+  if logs:
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    logging.get_absl_logger().addFilter(
+        lambda r: "_SignalingThread.run() raised" not in r.getMessage())
   # TensorStore reports them as unraisable (PyErr_WriteUnraisable).
   hook = sys.unraisablehook
 
@@ -114,10 +115,11 @@ def _load_config():
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:
+  default_logs = not FLAGS["verbosity"].present
+  if default_logs:
     # Orbax logs every file it writes at INFO; keep the run's own lines.
     logging.set_verbosity(logging.WARNING)
-    _quiet_failed_save_echoes()
+  _quiet_failed_save_echoes(logs=default_logs)
   config = _load_config()
   try:
     # Before anything touches a device: multi-process runs join up here.
