@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from switchjax import moe
+from switchjax import routing
 from switchjax import partitioning
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seq_len", type=int, default=256, help="L; B = tokens / L")
   p.add_argument("--group_size", type=int, default=512)
   p.add_argument("--capacity_factor", type=float, default=1.0)
-  p.add_argument("--router", default="switch", choices=moe.ROUTERS)
+  p.add_argument("--router", default="switch", choices=routing.ROUTERS)
   p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--json", default="", help="also write the results here")

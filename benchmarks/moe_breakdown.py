@@ -1,6 +1,6 @@
-"""Where the fast MoE layer's time goes, piece by piece, against the dense FFN.
+"""Where the MoE layer (gather dispatch)'s time goes, piece by piece, against the dense FFN.
 
-Times forward+backward of each stage of `MoeLayer` (dispatch 'fast') on its
+Times forward+backward of each stage of `MoeLayer` (dispatch 'gather') on its
 own, in one run, interleaved, medians of --repeats:
 
   route      router matmul + routing (Switch top-1 or as --router says)
@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import moe_layer as bench
+from switchjax import dispatch as dispatch_lib
+from switchjax import experts as experts_lib
 from switchjax import moe
+from switchjax import routing as routing_lib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num_experts", type=int, default=8)
   p.add_argument("--group_size", type=int, default=1024)
   p.add_argument("--capacity_factor", type=float, default=1.0)
-  p.add_argument("--router", default="switch", choices=moe.ROUTERS)
+  p.add_argument("--router", default="switch", choices=routing_lib.ROUTERS)
   p.add_argument("--d_model", type=int, default=512)
   p.add_argument("--d_ff", type=int, default=2048)
   p.add_argument("--tokens", type=int, default=4096)
@@ -62,9 +65,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
                        router=args.router, group_size=args.group_size,
                        train_capacity_factor=args.capacity_factor,
                        dtype=dtype, rngs=nnx.Rngs(0))
-  groups = moe.group_tokens(x, args.group_size)
+  groups = dispatch_lib.group_tokens(x, args.group_size)
   routing, _ = layer.route(groups)
-  buffers = moe.dispatch_gather(groups.astype(dtype), routing)
+  buffers = dispatch_lib.dispatch_gather(groups.astype(dtype), routing)
   e, g, c, m = buffers.shape
   params = nnx.state(layer.experts, nnx.Param)
   graphdef = nnx.graphdef(layer.experts)
@@ -84,15 +87,15 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     r, logits = nnx.merge(r_def, params, r_rest).route(groups)
     return r.token_weight + logits.mean()  # depends on both outputs
 
-  dense = moe.MlpBlock(args.d_model, args.d_ff, dtype=dtype, rngs=nnx.Rngs(0))
+  dense = experts_lib.MlpBlock(args.d_model, args.d_ff, dtype=dtype, rngs=nnx.Rngs(0))
   d_def, d_params = nnx.split(dense, nnx.Param)
   run_dense = lambda p, x: nnx.merge(d_def, p)(x)
   steps = {
       "route": _fwd_bwd(route, r_params, groups),
-      "dispatch": _fwd_bwd(moe.dispatch_gather, groups.astype(dtype), routing),
+      "dispatch": _fwd_bwd(dispatch_lib.dispatch_gather, groups.astype(dtype), routing),
       "experts (loop)": _fwd_bwd(experts("loop"), params, buffers),
       "experts (batched)": _fwd_bwd(experts("batched"), params, buffers),
-      "combine": _fwd_bwd(moe.combine_fast, buffers, routing),
+      "combine": _fwd_bwd(dispatch_lib.combine_indexed, buffers, routing),
       "layer": _fwd_bwd(lambda p, x: nnx.merge(l_def, p, l_rest)(x)[0],
                         l_params, x.astype(dtype)),
       "dense": _fwd_bwd(run_dense, d_params, x.astype(dtype)),

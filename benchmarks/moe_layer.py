@@ -3,9 +3,9 @@
 For each configuration (router, dtype, group size S, capacity factor, E) it
 measures, in one run:
 
-  * the MoE layer on each requested path (`--paths`: dispatch 'fast',
+  * the MoE layer on each requested path (`--paths`: dispatch 'gather',
     'einsum' or 'dropless', optionally with an experts impl, e.g.
-    'fast:batched'), as `jit(value_and_grad)` of sum(y * cotangent) + the
+    'gather:batched'), as `jit(value_and_grad)` of sum(y * cotangent) + the
     router losses w.r.t. the params and the input;
   * the FLOP-matched dense `MlpBlock` (same H; K=1) the same way;
   * the floor for large E: dense time + the time of a jitted copy of all the
@@ -24,7 +24,7 @@ Run from the repository root:
   python -m benchmarks.moe_layer                  # small preset, a few minutes on 2 cores
   python -m benchmarks.moe_layer --preset full --json /tmp/moe_layer.json
   python -m benchmarks.moe_layer --num_experts 8 --group_size 256,1024,4096 \
-      --paths fast,fast:batched,einsum --repeats 7
+      --paths gather,gather:batched,einsum --repeats 7
 """
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from switchjax import experts as experts_lib
+from switchjax import dispatch as dispatch_lib
+from switchjax import ffn
 from switchjax import moe
+from switchjax import routing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -48,10 +52,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PRESETS = {
     "small": dict(num_experts=[8, 32, 128], group_size=[256, 1024, 4096],
                   capacity_factor=[1.0], dtype=["float32"],
-                  paths=["fast", "einsum"], repeats=5),
+                  paths=["gather", "einsum"], repeats=5),
     "full": dict(num_experts=[8, 32, 128, 512], group_size=[256, 1024, 4096],
                  capacity_factor=[1.0, 1.25, 2.0],
-                 dtype=["float32", "bfloat16"], paths=["fast", "einsum"],
+                 dtype=["float32", "bfloat16"], paths=["gather", "einsum"],
                  repeats=5),
 }
 
@@ -69,17 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--capacity_factor", type=_csv(float))
   p.add_argument("--dtype", type=_csv(str), help="float32,bfloat16")
   p.add_argument("--paths", type=_csv(str),
-                 help="dispatch[:expert_impl] per path, e.g. fast,einsum,"
-                 "fast:batched,fast:loop,dropless")
+                 help="dispatch[:expert_impl] per path, e.g. gather,einsum,"
+                 "gather:batched,gather:loop,dropless")
   p.add_argument("--repeats", type=int, help="timed repeats per computation")
   p.add_argument("--router", type=_csv(str), default=["switch"],
-                 help=f"any of {moe.ROUTERS}")
+                 help=f"any of {routing.ROUTERS}")
   p.add_argument("--num_selected", type=int, default=2, help="K for topk / noisy_topk")
   p.add_argument("--d_model", type=int, default=512)
   p.add_argument("--d_ff", type=int, default=2048)
   p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (B * L)")
   p.add_argument("--seq_len", type=int, default=512, help="L; B = tokens / L")
-  p.add_argument("--activation", default="relu", choices=moe.ACTIVATIONS)
+  p.add_argument("--activation", default="relu", choices=ffn.ACTIVATIONS)
   p.add_argument("--no_floor", action="store_true", help="skip the weight-copy floor")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="also write the results here")
@@ -91,13 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if d not in DTYPES:
       p.error(f"unknown --dtype {d!r}; expected one of {tuple(DTYPES)}")
   for r in args.router:
-    if r not in moe.ROUTERS:
-      p.error(f"unknown --router {r!r}; expected one of {moe.ROUTERS}")
+    if r not in routing.ROUTERS:
+      p.error(f"unknown --router {r!r}; expected one of {routing.ROUTERS}")
   for path in args.paths:
     dispatch, _, impl = path.partition(":")
-    if dispatch not in moe.DISPATCHES or (impl and impl not in moe.EXPERT_IMPLS):
-      p.error(f"bad --paths entry {path!r}: dispatch one of {moe.DISPATCHES}, "
-              f"optional ':impl' one of {moe.EXPERT_IMPLS}")
+    if dispatch not in dispatch_lib.DISPATCHES or (impl and impl not in experts_lib.EXPERT_IMPLS):
+      p.error(f"bad --paths entry {path!r}: dispatch one of {dispatch_lib.DISPATCHES}, "
+              f"optional ':impl' one of {experts_lib.EXPERT_IMPLS}")
   if args.tokens % args.seq_len:
     p.error(f"--seq_len {args.seq_len} does not divide --tokens {args.tokens}")
   if args.repeats < 1:
@@ -266,7 +270,7 @@ def main(argv=None) -> list[Row]:
     for dtype in args.dtype:
       x = x32.astype(DTYPES[dtype])
       if ("dense", dtype) not in steps:
-        steps[("dense", dtype)], peaks[("dense", dtype)] = make_step(moe.MlpBlock(
+        steps[("dense", dtype)], peaks[("dense", dtype)] = make_step(experts_lib.MlpBlock(
             args.d_model, args.d_ff, activation=args.activation,
             dtype=DTYPES[dtype], rngs=nnx.Rngs(args.seed)), x)
       for router in args.router:

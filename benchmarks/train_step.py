@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--capacity_factor", type=float, default=1.0)
   p.add_argument("--dtype", default="float32", choices=tuple(model_lib.DTYPES))
   p.add_argument("--remat", default="none", choices=model_lib.REMATS)
-  p.add_argument("--dispatch", default="fast", help="moe.dispatch")
+  p.add_argument("--dispatch", default="gather", help="moe.dispatch")
   p.add_argument("--expert_impl", default="auto", help="moe.expert_impl")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--peak_flops", type=float, default=0.0,

@@ -1,0 +1,28 @@
+"""switchjax: Switch Transformer, GShard and later sparse MoE models in JAX / Flax NNX.
+
+Notation, one meaning per letter, in every module's docstrings (shapes are
+written `f32[G, S, E]`) and einsum strings:
+
+  B  batch (sequences)               G  routing groups
+  L  sequence length (Li encoder,    S  tokens per group
+     Lt decoder)                     E  experts
+  Q  attention query length          C  expert capacity (slots per expert and group)
+  T  attention key/value length      K  experts chosen per token
+  M  model dim (d_model)             H  FFN / expert hidden dim (d_ff)
+  N  attention heads                 R  rows of a flattened matmul operand: the
+  D  head dim (d_kv)                    G * C slots of one expert (expert_loop),
+  V  vocabulary                         the G * S * K choices (dropless)
+                                     X  devices the 'expert' axes span
+
+Modules, top to bottom (each imports only modules below it):
+
+  model            T5-style encoder-decoder / decoder-only, dense or MoE FFNs
+  moe              Router and MoeLayer: route, dispatch, experts, combine
+  experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock
+  expert_parallel  experts split over the mesh: GSPMD constraints, shard_map
+  dropless         no-capacity grouped matmuls (ragged_dot)
+  expert_loop      the experts one at a time, hand-written backward (CPU)
+  ffn              FFN init, activation and dropout mask shared by all of these
+  dispatch         group_tokens, dispatch/combine (gather or one-hot einsum)
+  routing          pure functions: router logits -> Routing
+"""

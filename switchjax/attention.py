@@ -1,7 +1,7 @@
 """T5-style attention: relative position buckets, masks, multi-head attention.
 
-Notation: B batch, Q query length, T key length, N heads, D head dim, M model
-dim. Attention has no biases and no 1/sqrt(D) scaling of the logits: as in
+Notation: see `switchjax/__init__.py` (Q query length, T key length, N
+heads, D head dim). Attention has no biases and no 1/sqrt(D) scaling of the logits: as in
 T5, the scaling is folded into the query initialisation instead.
 """
 from __future__ import annotations

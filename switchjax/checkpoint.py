@@ -56,17 +56,10 @@ def _steps_on_disk(directory: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """'params/encoder/.../value' -> (shape, dtype) for every array leaf."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path):
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
           (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 

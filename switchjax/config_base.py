@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
   e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
   e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
-  e.dispatch = "fast"  # "fast" (gather/scatter) | "einsum" (GShard one-hot reference) | "dropless" (no capacity, ragged_dot; GPU/TPU)
+  # switchjax/dispatch.py: "gather" (gather/scatter, never a [G, S, E, C]
+  # tensor; "fast" is its old name, still accepted) | "einsum" (GShard's
+  # one-hot reference) | "dropless" (no capacity, grouped matmuls; GPU/TPU).
+  e.dispatch = "gather"
   e.expert_impl = "auto"  # expert matmuls: "batched" einsum | "loop" over experts | "auto" (loop on CPU)
   e.expert_parallel = "gspmd"  # "gspmd" | "shard_map"
 
@@ -92,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.shuffle_seed = 0
 
   c.train = t = ml_collections.ConfigDict()
-  t.num_steps = 524288  # 2^19 as the Switch paper's pre-training
+  t.num_steps = 524288  # 2^19, T5's pre-training (Switch's 550k: switch_pretraining)
   t.batch_size = 256  # global, in sequences
   t.optimizer = "adafactor"  # "adafactor" | "adamw"
   t.adafactor_decay_rate = 0.8  # second-moment decay 1 - t^-0.8 (T5X default)

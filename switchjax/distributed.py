@@ -36,7 +36,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 
 # Environment variables by which JAX recognises a multi-process cluster
 # (jax._src.clusters): any one of them present makes a flagless call
-# initialize from the environment.
+# initialize from the environment. Not JAX's own `ClusterEnv.is_env_present()`:
+# that is private API, and its checks have side effects this one must not
+# have (on a TPU VM it queries the GCE metadata server, on any Kubernetes pod
+# it imports `kubernetes` and loads the in-cluster config).
 _CLUSTER_ENV = {
     "JAX_COORDINATOR_ADDRESS": "JAX environment variables",
     "SLURM_JOB_ID": "SLURM",

@@ -1,15 +1,13 @@
 """The experts one at a time (CPU), with a backward pass that writes each weight gradient once.
 
 `Experts` with impl 'loop' runs each expert's FFN as plain 2-D matmuls in a
-`lax.map`; on CPU that is as fast as one batched matmul over E at E=8 and
-faster with many small experts (E=128: 0.69x the time, forward+backward,
-benchmarks/moe_breakdown.py). Left to autodiff, the backward pass is a
-second scan whose per-expert weight gradients are stacked into zero-filled
-[E, M, H] buffers: a memset of every expert's weights per step, as costly
-as a copy of them (E=128: a quarter of the experts' time). Here the backward
-loop computes only the input gradients; the weight gradients are batched
-einsums over E that write each gradient once (`EGCM` flattened to `ETM`,
-T = G * C).
+`lax.map`; on CPU that is at least as fast as one batched matmul over E, and
+faster with many small experts (README, Speed). Left to autodiff, the
+backward pass is a second scan whose per-expert weight gradients are stacked
+into zero-filled [E, M, H] buffers: a memset of every expert's weights per
+step, as costly as a copy of them. Here the backward loop computes only the
+input gradients; the weight gradients are batched einsums over E that write
+each gradient once (`EGCM` flattened to `ERM`, R = G * C rows per expert).
 """
 from __future__ import annotations
 
@@ -19,22 +17,21 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from switchjax import ffn as ffn_lib
+
 
 def _hidden(pre: tuple[jax.Array, ...], mask: Optional[jax.Array],
             activation: str) -> jax.Array:
-  """Pre-activations (x @ wi_0[, x @ wi_1]) -> hidden activations."""
-  if activation == "gated_gelu":
-    h = jax.nn.gelu(pre[0], approximate=True) * pre[1]
-  else:
-    h = jax.nn.relu(pre[0])
+  """Pre-activations (x @ wi_0[, x @ wi_1]) -> hidden activations, masked."""
+  h = ffn_lib.activate(pre, activation)
   return h if mask is None else h * mask
 
 
 def _forward(x, wi, wo, mask, activation, dtype):
-  """y[E, T, M] and the pre-activations ([E, T, H], ...), expert by expert."""
+  """y[E, R, M] and the pre-activations ([E, R, H], ...), expert by expert."""
 
   def one_expert(args):
-    xe, wie, woe, mask_e = args  # [T, M], ([M, H], ...), [H, M], [T, H]|None
+    xe, wie, woe, mask_e = args  # [R, M], ([M, H], ...), [H, M], [R, H]|None
     # Weights stay float32 in memory and are cast one expert at a time.
     pre = tuple(xe @ w.astype(dtype) for w in wie)
     return _hidden(pre, mask_e, activation) @ woe.astype(dtype), pre
@@ -45,9 +42,9 @@ def _forward(x, wi, wo, mask, activation, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def ffn(x: jax.Array, wi: tuple[jax.Array, ...], wo: jax.Array,
         mask: Optional[jax.Array], activation: str, dtype: Any) -> jax.Array:
-  """x[E, T, M] in `dtype` -> [E, T, M]; wi: (f32[E, M, H], ...), wo: f32[E, H, M].
+  """x[E, R, M] in `dtype` -> [E, R, M]; wi: (f32[E, M, H], ...), wo: f32[E, H, M].
 
-  `mask`: expert-dropout multiplier [E, T, H] (0 or 1/keep) or None.
+  `mask`: expert-dropout multiplier [E, R, H] (0 or 1/keep) or None.
   """
   return _forward(x, wi, wo, mask, activation, dtype)[0]
 
@@ -70,8 +67,8 @@ def _ffn_bwd(activation, dtype, residuals, dy):
 
   dx, h, dpre = jax.lax.map(one_expert, (dy, wi, wo, pre, mask))
   # In `dtype`, then cast to the params' float32, as autodiff of the cast.
-  dwo = jnp.einsum("ETH,ETM->EHM", h, dy)
-  dwi = tuple(jnp.einsum("ETM,ETH->EMH", x, d) for d in dpre)
+  dwo = jnp.einsum("ERH,ERM->EHM", h, dy)
+  dwi = tuple(jnp.einsum("ERM,ERH->EMH", x, d) for d in dpre)
   dmask = None if mask is None else jnp.zeros_like(mask)
   return (dx, tuple(d.astype(w.dtype) for d, w in zip(dwi, wi)),
           dwo.astype(wo.dtype), dmask)

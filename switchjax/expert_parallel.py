@@ -1,7 +1,7 @@
 """Expert parallelism: experts split over the mesh, tokens sent to them.
 
-Notation: G groups, S tokens per group, E experts, C capacity, M model dim,
-H expert hidden dim, X the size of the mesh axes that 'expert' maps to.
+Notation: see `switchjax/__init__.py` (X: the size of the mesh axes that
+'expert' maps to).
 
 Both paths keep the routing where the tokens are: groups `[G, S, M]` are
 split over the 'batch' mesh axes (partitioning.group_axes: only axes that
@@ -35,8 +35,7 @@ correction t5x applies by hand for its per-device expert loss).
 """
 from __future__ import annotations
 
-import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -125,55 +124,30 @@ def uses_shard_map(path: str) -> bool:
   return path == "shard_map" and partitioning.current_mesh() is not None
 
 
-def _expert_params(experts: Any) -> dict[str, jax.Array]:
-  return {name: getattr(experts, name)[...]
-          for name in ("wi", "wi_0", "wi_1", "wo")
-          if getattr(experts, name, None) is not None}
+def shard_map_experts(groups: jax.Array, routing: routing_lib.Routing, *,
+                      weights: dict[str, jax.Array],
+                      expert_fn: Callable[..., jax.Array],
+                      dispatch_fn: Callable[..., jax.Array],
+                      combine_fn: Callable[..., jax.Array],
+                      keep: Optional[jax.Array]) -> jax.Array:
+  """Dispatch, experts and combine under jax.shard_map.
 
+  Args:
+    groups: [G, S, M] in the experts' dtype.
+    routing: its Routing (only the index form goes in; losses stay out).
+    weights: the stacked expert weights by name ('wi' or 'wi_0'/'wi_1', and
+      'wo'), f32[E, M, H] and f32[E, H, M].
+    expert_fn: (buffers [E', G', C, M], weights' local shards, keep's local
+      shard) -> [E', G', C, M]; with H split, a partial sum over H shards.
+    dispatch_fn, combine_fn: a `switchjax.dispatch` pair.
+    keep: the expert-dropout mask bool[E, G, C, H] of the hidden
+      activations, drawn outside for the global shape; None = no dropout.
 
-def _ffn(x: jax.Array, params: dict[str, jax.Array], activation: str,
-         dtype: Any, keep: Optional[jax.Array], keep_prob: float) -> jax.Array:
-  """Experts.__call__ on local shards: x[E', G', C, M] -> [E', G', C, M].
-
-  `keep` bool[E', G', C, H'] is the expert-dropout mask drawn outside (None
-  = no dropout); with H split the result is a partial sum over H shards.
+  Returns [G, S, M], what the single-device path returns.
   """
-  from switchjax import moe as moe_lib  # pylint: disable=g-import-not-at-top
-  x = x.astype(dtype)
-  h = moe_lib._ffn_hidden(  # pylint: disable=protected-access
-      types.SimpleNamespace(**params), x, "EGCM,EMH->EGCH", activation, dtype)
-  if keep is not None:
-    # nnx.Dropout's inverted dropout, with its mask.
-    h = jax.lax.select(keep, h / keep_prob, jnp.zeros_like(h))
-  return jnp.einsum("EGCH,EHM->EGCM", h, params["wo"].astype(dtype))
-
-
-def _dropout_mask(layer: Any, shape: tuple[int, ...]) -> tuple[
-    Optional[jax.Array], float]:
-  """The mask nnx.Dropout would draw for the hidden activations [E, G, C, H].
-
-  Drawn once for the global shape, so every mesh sees the same mask as one
-  device (jax_threefry_partitionable: each device computes only its part).
-  """
-  dropout = layer.experts.dropout
-  if dropout.rate == 0.0 or layer.deterministic:
-    return None, 1.0
-  keep_prob = 1.0 - dropout.rate
-  return jax.random.bernoulli(dropout.rngs(), keep_prob, shape), keep_prob
-
-
-def shard_map_experts(layer: Any, groups: jax.Array,
-                      routing: routing_lib.Routing) -> jax.Array:
-  """Dispatch, experts and combine of `layer` under jax.shard_map.
-
-  groups: [G, S, M] in the layer's dtype, routing: its Routing.
-  Returns [G, S, M], what the layer's single-device path returns.
-  """
-  from switchjax import moe as moe_lib  # pylint: disable=g-import-not-at-top
   mesh = partitioning.current_mesh()
   num_groups, _, _ = groups.shape
-  experts = layer.experts
-  num_experts = layer.num_experts
+  num_experts = weights["wo"].shape[0]
   g_axes, e_axes, shared = _layout(num_groups, num_experts, mesh)
   all_to_all = bool(shared)
   if shared and (shared != e_axes or g_axes[-len(e_axes):] != e_axes):
@@ -184,42 +158,33 @@ def shard_map_experts(layer: Any, groups: jax.Array,
   # The expert hidden dim may use mesh axes the tokens do not.
   h_axes = tuple(a for a in partitioning.axes_of("expert_mlp", mesh)
                  if a not in g_axes and a not in e_axes)
-  d_ff = experts.wo.shape[1]
+  d_ff = weights["wo"].shape[1]
   if d_ff % partitioning.axes_size(h_axes, mesh):
     h_axes = ()
   num_local = num_experts // partitioning.axes_size(e_axes, mesh)
   rest = tuple(a for a in g_axes if a not in e_axes)
 
-  params = _expert_params(experts)
   param_specs = {name: (partitioning.spec(e_axes, h_axes) if name == "wo"
                         else partitioning.spec(e_axes, (), h_axes))
-                 for name in params}
-  capacity = routing.capacity
-  keep, keep_prob = _dropout_mask(
-      layer, (num_experts, num_groups, capacity, d_ff))
+                 for name in weights}
   # The mask lives where the hidden activations are: after the all-to-all
   # expert block j of group block `rest` (GShard's [E, G, C, H] layout).
   keep_spec = partitioning.spec(e_axes, rest if all_to_all else g_axes, (),
                                 h_axes)
   # Aux loss and metrics stay outside; only the index form goes in.
-  local_routing = routing.replace(aux_loss=None, metrics=None)
-  dispatch = (moe_lib.dispatch_einsum if layer.dispatch == "einsum"
-              else moe_lib.dispatch_gather)
-  combine = (moe_lib.combine_einsum if layer.dispatch == "einsum"
-             else moe_lib.combine_fast)
-  activation, dtype = experts.activation, experts.dtype
+  local_routing = _strip(routing)
 
   def ffn(buffers, params, keep):
-    y = _ffn(buffers, params, activation, dtype, keep, keep_prob)
+    y = expert_fn(buffers, params, keep)
     return jax.lax.psum(y, _axes(h_axes)) if h_axes else y
 
   def local(x, r, params, keep):
     if all_to_all:
-      buffers = dispatch(x, r)  # [E, Gl, C, M]
+      buffers = dispatch_fn(x, r)  # [E, Gl, C, M]
       buffers = jax.lax.all_to_all(buffers, _axes(e_axes), 0, 1, tiled=True)
       y = ffn(buffers, params, keep)  # [E / X, Gl * X, C, M]
       y = jax.lax.all_to_all(y, _axes(e_axes), 1, 0, tiled=True)
-      return combine(y, r)
+      return combine_fn(y, r)
     # Groups replicated over the expert axes: local experts, summed combine.
     first = (jax.lax.axis_index(_axes(e_axes)) * num_local if e_axes else 0)
     mine = r.replace(
@@ -227,12 +192,12 @@ def shard_map_experts(layer: Any, groups: jax.Array,
                                                  num_local, axis=1),
         slot_weight=jax.lax.dynamic_slice_in_dim(r.slot_weight, first,
                                                  num_local, axis=1))
-    y = ffn(dispatch(x, mine), params, keep)  # [E / X, Gl, C, M]
+    y = ffn(dispatch_fn(x, mine), params, keep)  # [E / X, Gl, C, M]
     if not e_axes:
-      return combine(y, r)
+      return combine_fn(y, r)
     full = jnp.zeros((num_experts,) + y.shape[1:], y.dtype)
     full = jax.lax.dynamic_update_slice_in_dim(full, y, first, axis=0)
-    return jax.lax.psum(combine(full, r), _axes(e_axes))
+    return jax.lax.psum(combine_fn(full, r), _axes(e_axes))
 
   group_spec = partitioning.spec(g_axes)
   mapped = jax.shard_map(
@@ -240,4 +205,4 @@ def shard_map_experts(layer: Any, groups: jax.Array,
       in_specs=(group_spec, group_spec, param_specs,
                 None if keep is None else keep_spec),
       out_specs=group_spec)
-  return mapped(groups, local_routing, params, keep)
+  return mapped(groups, local_routing, weights, keep)

@@ -12,6 +12,12 @@ from typing import Any, Callable, Optional
 import jax
 
 
+# train.nan_policy: what a non-finite step does. Both leave the step's params
+# and optimizer state as they were (train.py); 'stop' then ends the run
+# (FiniteWatch), 'skip' goes on and counts the step in skipped_steps.
+NAN_POLICIES = ("stop", "skip")
+
+
 class RunError(RuntimeError):
   """A run stopped by a fault; its message is one line with a way on."""
 
@@ -61,6 +67,7 @@ class FiniteWatch:
   """
 
   def __init__(self, policy: str, last_checkpoint: Callable[[], str]):
+    assert policy in NAN_POLICIES, policy
     self.enabled = policy == "stop"
     self._last_checkpoint = last_checkpoint
     self._pending = None

@@ -1,7 +1,7 @@
 """T5.1.1-style Transformer (encoder-decoder or decoder-only) with sparse FFNs.
 
-Notation: B batch, L length (Li encoder, Lt decoder), M model dim, V vocab,
-E experts. Pre-norm layers (T5's RMS LayerNorm: scale only), relative position
+Notation: see `switchjax/__init__.py` (Li, Lt: encoder and decoder lengths).
+Pre-norm layers (T5's RMS LayerNorm: scale only), relative position
 biases shared across a stack's layers, dropout on the embeddings, after every
 sublayer and after the final norm. Layer i (0-based) of a stack has an MoE
 FFN iff moe.num_experts > 0 and (i + 1) % moe.sparse_every == 0, so Switch's
@@ -22,6 +22,7 @@ import ml_collections
 from flax import nnx
 
 from switchjax import attention
+from switchjax import experts as experts_lib
 from switchjax import moe as moe_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
@@ -29,9 +30,6 @@ from switchjax import routing as routing_lib
 ARCHS = ("encoder_decoder", "decoder_only")
 REMATS = ("none", "full", "experts")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-# Routers whose token order decides nothing about earlier tokens; expert
-# choice and batch-prioritised routing let later tokens evict earlier ones.
-_NON_CAUSAL_ROUTERS = ("expert_choice",)
 
 
 @flax.struct.dataclass
@@ -41,9 +39,10 @@ class ModelAux:
   aux_loss: f32[] mean over MoE layers of the unscaled load-balancing losses
     (0 for a dense model).
   z_loss: f32[] mean over MoE layers of the unscaled router z-losses.
-  metrics: RouterMetrics with a leading [N] axis over the N MoE layers
-    (dropped_fraction f32[N], expert_load f32[N, E], router_confidence f32[N],
-    router_entropy f32[N]); None for a dense model.
+  metrics: RouterMetrics with a leading axis over the model's MoE layers
+    (dropped_fraction f32[layers], expert_load f32[layers, E],
+    router_confidence f32[layers], router_entropy f32[layers]); None for a
+    dense model.
   layer_names: static names of those layers, e.g. 'encoder/layer_1'.
   """
   aux_loss: jax.Array
@@ -69,21 +68,22 @@ def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
   return moe_config.get(f"{stack}_router") or moe_config.router
 
 
+def causal_error(router: str, batch_prioritized: bool) -> str:
+  """Why `router` (or batch-prioritized routing) cannot run in a decoder."""
+  what = ("moe.batch_prioritized (slots claimed in order of gate value)"
+          if batch_prioritized else
+          f"router {router!r} (each expert picks its tokens from the whole group)")
+  return (f"{what} lets later tokens decide what earlier ones get: future "
+          "tokens leak in a decoder; use it in the encoder only "
+          "(moe.encoder_router)")
+
+
 def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
   """Config -> MoeLayer keyword arguments for the given stack."""
   m, e = config.model, config.moe
   router = stack_router(e, stack)
-  if stack == "decoder":
-    if router in _NON_CAUSAL_ROUTERS:
-      raise ValueError(
-          f"router {router!r} cannot be used in the decoder: each expert picks "
-          "its tokens from the whole group, so later tokens decide what earlier "
-          "ones get (future tokens leak). Use it via moe.encoder_router only.")
-    if e.batch_prioritized:
-      raise ValueError(
-          "moe.batch_prioritized cannot be used with a decoder: slots are "
-          "claimed in order of gate value, so later tokens can evict earlier "
-          "ones (future tokens leak).")
+  if stack == "decoder" and not routing_lib.is_causal(router, e.batch_prioritized):
+    raise ValueError(causal_error(router, e.batch_prioritized))
   return dict(
       num_experts=e.num_experts, router=router, num_selected=e.num_selected,
       train_capacity_factor=e.train_capacity_factor,
@@ -97,29 +97,6 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
       expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype))
-
-
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  m, e = config.model, config.moe
-  if m.arch not in ARCHS:
-    raise ValueError(f"Unknown model.arch {m.arch!r}; expected one of {ARCHS}.")
-  if m.remat not in REMATS:
-    raise ValueError(f"Unknown model.remat {m.remat!r}; expected one of {REMATS}.")
-  for key in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
-              "num_decoder_layers", "relative_attention_num_buckets",
-              "relative_attention_max_distance"):
-    if m[key] < 1:
-      raise ValueError(f"model.{key} must be >= 1, got {m[key]}.")
-  if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
-    raise ValueError(
-        f"model.num_encoder_layers must be >= 1, got {m.num_encoder_layers}.")
-  if m.init_scale <= 0:
-    raise ValueError(f"model.init_scale must be > 0, got {m.init_scale}.")
-  if e.num_experts < 0:
-    raise ValueError(f"moe.num_experts must be >= 0, got {e.num_experts}.")
-  if e.num_experts > 0 and e.sparse_every < 1:
-    raise ValueError(f"moe.sparse_every must be >= 1, got {e.sparse_every}.")
-  to_dtype(m.dtype)
 
 
 def _remat_call(module: nnx.Module, *args):
@@ -156,7 +133,7 @@ class TransformerLayer(nnx.Module):
       d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
       self.mlp = moe_lib.MoeLayer(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
     else:
-      self.mlp = moe_lib.MlpBlock(
+      self.mlp = experts_lib.MlpBlock(
           m.d_model, m.d_ff, activation=m.activation, dropout=m.dropout_rate,
           init_scale=m.init_scale, dtype=dtype, rngs=rngs)
     self.remat_mlp = self.sparse and m.remat == "experts"
@@ -358,10 +335,9 @@ def build_model(config: ml_collections.ConfigDict, *,
   rngs: 'params' for the init, 'dropout' (and optionally 'router') for the
   training-time randomness; a plain nnx.Rngs(seed) serves all of them.
   """
-  _check_config(config)
-  if config.model.arch == "decoder_only":
-    return DecoderOnly(config, rngs=rngs)
-  return EncoderDecoder(config, rngs=rngs)
+  # validate.prepare checks the config; an unknown arch is a KeyError here.
+  cls = {"encoder_decoder": EncoderDecoder, "decoder_only": DecoderOnly}
+  return cls[config.model.arch](config, rngs=rngs)
 
 
 def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -377,7 +353,6 @@ def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   stack without layers and the embeddings, and multiplies. Tracing the whole
   model at once is quadratic in its size (10-25 s for the paper configs).
   """
-  _check_config(config)
   m, e = config.model, config.moe
   stacks = [("decoder", m.num_decoder_layers, m.arch == "encoder_decoder")]
   if m.arch == "encoder_decoder":

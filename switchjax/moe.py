@@ -1,34 +1,15 @@
-"""The sparse Mixture-of-Experts feed-forward layer (Flax NNX).
-
-Notation: G groups, S tokens per group, E experts, C expert capacity, K experts
-per token, M model dim, H expert hidden dim.
+"""The sparse Mixture-of-Experts feed-forward layer (Flax NNX): router + experts.
 
 `MoeLayer` maps tokens `[B, L, M]` to `[B, L, M]`: it cuts the tokens into
-groups `[G, S, M]`, computes float32 router logits, routes them with
-`switchjax.routing`, dispatches tokens into per-expert buffers `[E, G, C, M]`,
-runs the experts and combines their outputs back into token order. A token
-that reaches no expert comes out as a zero row (the model's residual connection
-carries it).
-
-Two interchangeable dispatch paths compute the same function:
-
-- "einsum": the GShard / flaxformer reference, one-hot `[G, S, E, C]` dispatch
-  and combine tensors contracted with einsums ('GSEC,GSM->EGCM' and
-  'GSEC,EGCM->GSM'). Memory and FLOPs grow with S * E * C.
-- "fast" (default): gathers tokens by `Routing.token_index` and gathers the
-  expert outputs back by `Routing.slot_index` (token-choice routers) or
-  scatter-adds them by `token_index` (expert choice). Never builds `[G, S, E, C]`.
-
-A third, "dropless" (`switchjax.dropless`), has no capacity: every choice is
-computed by grouped matmuls (`jax.lax.ragged_dot`); for GPU/TPU, slow on CPU.
-The experts' matmuls run batched over E or one expert at a time (`expert_impl`,
-see `Experts`); every combination computes the same function.
-
-Dispatch, experts and combine are separate functions so that sharding
-constraints / a shard_map all-to-all can wrap each one. On a device mesh
-(traced under `partitioning.in_mesh`) groups stay on their devices and the
-experts are split over 'expert': `expert_parallel='gspmd' | 'shard_map'`
+groups `[G, S, M]`, computes float32 router logits (`Router`), routes them
+with `switchjax.routing`, dispatches tokens into per-expert buffers
+`[E, G, C, M]` (`switchjax.dispatch`: 'gather' or the 'einsum' reference),
+runs the experts (`switchjax.experts`) and combines their outputs back into
+token order; 'dropless' (`switchjax.dropless`) has no capacity. On a device
+mesh (traced under `partitioning.in_mesh`) groups stay on their devices and
+the experts are split over 'expert': `expert_parallel='gspmd' | 'shard_map'`
 (`switchjax.expert_parallel`); the function computed is the same.
+Notation: see `switchjax/__init__.py`.
 """
 from __future__ import annotations
 
@@ -40,22 +21,17 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from switchjax import dispatch as dispatch_lib
 from switchjax import dropless as dropless_lib
-from switchjax import expert_loop
 from switchjax import expert_parallel as expert_parallel_lib
+from switchjax import experts as experts_lib
+from switchjax import ffn
 from switchjax import partitioning
 from switchjax import routing as routing_lib
 
-ROUTERS = routing_lib.ROUTERS
-DISPATCHES = ("fast", "einsum", "dropless")
-ACTIVATIONS = ("relu", "gated_gelu")
-# How Experts runs its E matmuls: one batched einsum, a loop over experts
-# (lax.map), or "auto" (the loop on CPU unless the experts are split over
-# devices; batched elsewhere).
-EXPERT_IMPLS = ("auto", "batched", "loop")
-
-# Experts each token is sent to, for routers whose K is fixed by the algorithm.
-_FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1}
+# The router computes in float32 ("selective precision"); bfloat16 only to
+# reproduce Switch's instability ablation.
+ROUTER_DTYPES = ("float32", "bfloat16")
 
 
 @flax.struct.dataclass
@@ -71,80 +47,9 @@ class MoeOutput:
   metrics: routing_lib.RouterMetrics
 
 
-def _fork_stream(rngs: nnx.Rngs, names: tuple[str, ...]) -> Optional[nnx.RngStream]:
-  """Private stream forked from the first of `names` that `rngs` has.
-
-  A plain `nnx.Rngs(0)` answers every name with its default stream, so this
-  works with it as well as with `nnx.Rngs(params=..., dropout=...)`.
-  """
-  for name in names:
-    try:
-      return rngs[name].fork()
-    except (KeyError, AttributeError):
-      continue
-  return None
-
-
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
-
-
-def _ffn_init(init_scale: float):
-  """Switch §2.4: truncated normal, std sqrt(init_scale / fan_in), cut at 2 std.
-
-  `variance_scaling` corrects the std for the truncation, so the drawn weights
-  have the paper's std; fan_in is the second-to-last axis (the leading expert
-  axis of stacked weights is a batch axis).
-  """
-  def init(key, shape, dtype=jnp.float32):
-    # Only stacked [E, M, H] weights have a batch (expert) axis; on a 2-D
-    # [M, H] weight axis 0 is the fan-in axis itself.
-    batch = (0,) if len(shape) > 2 else ()
-    return jax.nn.initializers.variance_scaling(
-        init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-        batch_axis=batch)(key, shape, dtype)
-  return init
-
-
-def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
-  """A parameter tagged with logical axis names (see switchjax.partitioning)."""
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _ffn_params(module: nnx.Module, shape_in: tuple[int, ...],
-                shape_out: tuple[int, ...], activation: str, init_scale: float,
-                rngs: nnx.Rngs, names_in: tuple[str, ...],
-                names_out: tuple[str, ...]) -> None:
-  """Creates wi (or wi_0, wi_1 for gated activations) and wo on `module`."""
-  init = _ffn_init(init_scale)
-  if activation == "gated_gelu":
-    module.wi_0 = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
-    module.wi_1 = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
-  else:
-    module.wi = _param(init(rngs.params(), shape_in, jnp.float32), names_in)
-  module.wo = _param(init(rngs.params(), shape_out, jnp.float32), names_out)
-
-
-def _ffn_hidden(module: nnx.Module, x: jax.Array, spec: str, activation: str,
-                dtype: Any) -> jax.Array:
-  """x @ wi then the activation; `spec` is the einsum for one wi."""
-  if activation == "gated_gelu":
-    # T5.1.1: gelu(x wi_0) * (x wi_1); tanh-approximate gelu as in T5X.
-    h0 = jnp.einsum(spec, x, module.wi_0[...].astype(dtype))
-    h1 = jnp.einsum(spec, x, module.wi_1[...].astype(dtype))
-    return jax.nn.gelu(h0, approximate=True) * h1
-  return jax.nn.relu(jnp.einsum(spec, x, module.wi[...].astype(dtype)))
-
-
-def _dropout(rate: float, deterministic: bool, rngs: nnx.Rngs) -> nnx.Dropout:
-  """Hidden-activation dropout drawing from the 'dropout' stream when rate > 0."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-  stream = _fork_stream(rngs, ("dropout",)) if rate > 0 else None
-  if rate > 0 and stream is None:
-    raise ValueError("dropout > 0 needs an rng stream 'dropout' in rngs.")
-  return nnx.Dropout(rate, deterministic=deterministic, rngs=stream)
 
 
 class Router(nnx.Module):
@@ -169,14 +74,14 @@ class Router(nnx.Module):
     init = jax.nn.initializers.normal(stddev=init_std)
     # Small ([M, E]) and read by every token: kept whole on every device.
     names = ("embed", "unmodeled")
-    self.kernel = _param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
+    self.kernel = ffn.param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
     self.noise_kernel = (
-        _param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
+        ffn.param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
         if noisy else None)
     self.jitter = jitter
     self.dtype = dtype
     self.deterministic = deterministic
-    self.rngs = _fork_stream(rngs, ("router", "dropout")) if jitter > 0 else None
+    self.rngs = ffn.fork_stream(rngs, ("router", "dropout")) if jitter > 0 else None
     if jitter > 0 and self.rngs is None:
       raise ValueError("Router jitter needs an rng stream 'router' or 'dropout' in rngs.")
 
@@ -195,187 +100,6 @@ class Router(nnx.Module):
     return logits, noise
 
 
-def _expert_loop_default() -> bool:
-  """Experts impl 'auto': loop over experts on CPU unless they are split over devices.
-
-  On CPU, one matmul per expert is as fast as XLA's batched matmul over E at
-  E=8 and faster with many small experts (E=128: 0.69x the time,
-  benchmarks/moe_breakdown.py); on GPU/TPU the batched einsum is the fast one. A loop over an axis that the
-  mesh splits ('expert' > 1) would gather the weights: keep the einsum there.
-  """
-  if jax.default_backend() != "cpu":
-    return False
-  mesh = partitioning.current_mesh()
-  return mesh is None or partitioning.axes_size(
-      partitioning.axes_of("expert", mesh), mesh) == 1
-
-
-class Experts(nnx.Module):
-  """E feed-forward networks with stacked weights, applied to dispatched buffers.
-
-  wi: f32[E, M, H] (wi_0 and wi_1 for 'gated_gelu'), wo: f32[E, H, M]. Computes
-  in `dtype`; params stay float32. `dropout` is expert dropout on the hidden
-  activations (Switch uses 0.4 when fine-tuning), training only. `impl`, one
-  of EXPERT_IMPLS, picks how the same function is computed: one batched
-  einsum, or a `lax.map` over experts (each expert plain 2-D matmuls).
-  """
-
-  def __init__(self, num_experts: int, d_model: int, d_ff: int, *,
-               activation: str = "relu", dropout: float = 0.0,
-               init_scale: float = 0.1, dtype: Any = jnp.float32,
-               impl: str = "auto", deterministic: bool = False,
-               rngs: nnx.Rngs):
-    _check_choice("activation", activation, ACTIVATIONS)
-    _check_choice("expert impl", impl, EXPERT_IMPLS)
-    _ffn_params(self, (num_experts, d_model, d_ff), (num_experts, d_ff, d_model),
-                activation, init_scale, rngs,
-                ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed"))
-    self.activation = activation
-    self.dtype = dtype
-    self.impl = impl
-    self.dropout = _dropout(dropout, deterministic, rngs)
-
-  def uses_loop(self) -> bool:
-    """Whether calls run one expert at a time (impl 'loop', or 'auto' on CPU)."""
-    return self.impl == "loop" or (self.impl == "auto" and _expert_loop_default())
-
-  def dropout_mask(self, shape: tuple[int, ...],
-                   deterministic: Optional[bool] = None) -> Optional[jax.Array]:
-    """Expert-dropout multiplier (0 or 1/keep) for hidden activations; None when off.
-
-    The same nnx.Dropout draw (rng, shape) as dropout applied to the batched
-    hidden activations, so every impl drops the same units.
-    """
-    off = self.dropout.deterministic if deterministic is None else deterministic
-    if self.dropout.rate == 0.0 or off:
-      return None
-    return self.dropout(jnp.ones(shape, self.dtype), deterministic=False)
-
-  def _loop(self, x: jax.Array, deterministic: Optional[bool]) -> jax.Array:
-    """x[E, G, C, M] -> [E, G, C, M], one expert's 2-D matmuls at a time."""
-    e, g, c, m = x.shape
-    names = ("wi_0", "wi_1") if self.activation == "gated_gelu" else ("wi",)
-    wi = tuple(getattr(self, n)[...] for n in names)
-    mask = self.dropout_mask((e, g, c, wi[0].shape[2]), deterministic)
-    if mask is not None:
-      mask = mask.reshape(e, g * c, -1)
-    y = expert_loop.ffn(x.reshape(e, g * c, m), wi, self.wo[...], mask,
-                        self.activation, self.dtype)
-    return y.reshape(e, g, c, m)
-
-  def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None) -> jax.Array:
-    """x[E, G, C, M] -> [E, G, C, M] in `dtype`."""
-    x = x.astype(self.dtype)
-    if self.uses_loop():
-      return self._loop(x, deterministic)
-    h = _ffn_hidden(self, x, "EGCM,EMH->EGCH", self.activation, self.dtype)
-    h = self.dropout(h, deterministic=deterministic)
-    return jnp.einsum("EGCH,EHM->EGCM", h, self.wo[...].astype(self.dtype))
-
-
-class MlpBlock(nnx.Module):
-  """Dense feed-forward block, FLOP-matched to a K=1 MoE layer of equal H.
-
-  wi: f32[M, H] (wi_0 and wi_1 for 'gated_gelu'), wo: f32[H, M]; same
-  activations and init as `Experts`; `dropout` on the hidden activations.
-  """
-
-  def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu",
-               dropout: float = 0.0, init_scale: float = 0.1,
-               dtype: Any = jnp.float32, deterministic: bool = False,
-               rngs: nnx.Rngs):
-    _check_choice("activation", activation, ACTIVATIONS)
-    _ffn_params(self, (d_model, d_ff), (d_ff, d_model), activation, init_scale,
-                rngs, ("embed", "mlp"), ("mlp", "embed"))
-    self.activation = activation
-    self.dtype = dtype
-    self.dropout = _dropout(dropout, deterministic, rngs)
-
-  def __call__(self, x: jax.Array, *, deterministic: Optional[bool] = None) -> jax.Array:
-    """x[B, L, M] -> [B, L, M] in `dtype`."""
-    x = x.astype(self.dtype)
-    h = _ffn_hidden(self, x, "BLM,MH->BLH", self.activation, self.dtype)
-    h = self.dropout(h, deterministic=deterministic)
-    return jnp.einsum("BLH,HM->BLM", h, self.wo[...].astype(self.dtype))
-
-
-def group_tokens(x: jax.Array, group_size: int) -> jax.Array:
-  """x[B, L, M] -> [G, S, M] with S = min(group_size, B * L)."""
-  if group_size < 1:
-    raise ValueError(f"group_size must be >= 1, got {group_size}.")
-  b, l, m = x.shape
-  num_tokens = b * l
-  s = min(group_size, num_tokens)
-  if num_tokens % s:
-    raise ValueError(
-        f"group_size={group_size} does not divide the number of tokens "
-        f"B*L={b}*{l}={num_tokens}; choose a group_size that divides B*L.")
-  return x.reshape(num_tokens // s, s, m)
-
-
-def dispatch_einsum(x: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """x[G, S, M] -> expert buffers [E, G, C, M] via the one-hot dispatch mask."""
-  mask = routing.dispatch_mask().astype(x.dtype)
-  return jnp.einsum("GSEC,GSM->EGCM", mask, x)
-
-
-def combine_einsum(y: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """Expert outputs y[E, G, C, M] -> tokens [G, S, M] via the combine tensor."""
-  weights = routing.combine_weights().astype(y.dtype)
-  return jnp.einsum("GSEC,EGCM->GSM", weights, y)
-
-
-def dispatch_gather(x: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """x[G, S, M] -> expert buffers [E, G, C, M], gathering by token_index.
-
-  An empty slot holds the index S, one past the end; mode='fill' reads it as a
-  zero row (the same as padding x with a zero row, without copying x), and the
-  gradient's scatter drops it.
-  """
-  num_groups = x.shape[0]
-  token_index = jnp.transpose(routing.token_index, (1, 0, 2))  # [E, G, C]
-  group_index = jnp.arange(num_groups)[None, :, None]
-  return x.at[group_index, token_index].get(mode="fill", fill_value=0)
-
-
-def combine_gather(y: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """Expert outputs y[E, G, C, M] -> tokens [G, S, M] for token-choice routings.
-
-  Each token gathers its K expert outputs at slot_index = e * C + c and sums them
-  weighted by token_weight. A dropped choice has slot_index E * C: its expert
-  index e = E is out of range and mode='fill' reads a zero row, the same as a
-  zero row appended to the flat [G, E*C, M] outputs, without the copy.
-  """
-  capacity = y.shape[2]
-  slot = routing.slot_index  # [G, S, K]
-  group_index = jnp.arange(y.shape[1])[:, None, None]
-  picked = y.at[slot // capacity, group_index, slot % capacity].get(
-      mode="fill", fill_value=0)  # [G, S, K, M]
-  return jnp.einsum("GSKM,GSK->GSM", picked, routing.token_weight.astype(y.dtype))
-
-
-def combine_scatter(y: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """Expert outputs y[E, G, C, M] -> tokens [G, S, M] by scatter-add.
-
-  Works for any routing (expert choice has no token-major view): slot (e, c)
-  adds slot_weight times its output to token token_index[g, e, c]; empty slots
-  (index S) fall out of range and mode='drop' ignores them.
-  """
-  _, num_groups, _, d_model = y.shape
-  token_index = jnp.transpose(routing.token_index, (1, 0, 2))  # [E, G, C]
-  weight = jnp.transpose(routing.slot_weight, (1, 0, 2)).astype(y.dtype)
-  group_index = jnp.arange(num_groups)[None, :, None]
-  out = jnp.zeros((num_groups, routing.num_tokens, d_model), y.dtype)
-  return out.at[group_index, token_index].add(y * weight[..., None], mode="drop")
-
-
-def combine_fast(y: jax.Array, routing: routing_lib.Routing) -> jax.Array:
-  """Gather when the routing has a token-major view, scatter-add otherwise."""
-  if routing.slot_index is not None:
-    return combine_gather(y, routing)
-  return combine_scatter(y, routing)
-
-
 class MoeLayer(nnx.Module):
   """Sparse feed-forward layer: router, E experts, dispatch and combine.
 
@@ -384,16 +108,42 @@ class MoeLayer(nnx.Module):
   (noisy_topk), expert dropout and GShard's random second-expert policy (at
   eval every second choice is kept, policy 'all', so eval is deterministic).
 
-  K (experts per token) is fixed by the router for 'switch' (1), 'gshard' (2)
-  and 'expert_choice' (1: there the capacity factor is the average number of
-  experts per token, Zhou et al. 2022), and is `num_selected` for 'topk' and
-  'noisy_topk'. The capacity per group is
-  `routing.expert_capacity(S, E, capacity_factor, K, min_capacity)`, capped at
-  S (an expert can take each token at most once, so more slots stay empty).
+  The capacity per group is `routing.expert_capacity(S, E, capacity_factor,
+  K, min_capacity)`, capped at S (an expert can take each token at most once,
+  so more slots stay empty). Randomness (jitter, noise, policy 'random',
+  dropout) comes from streams forked from `rngs` at construction: 'router'
+  (or else 'dropout') for the router, 'dropout' for expert dropout. A plain
+  `nnx.Rngs(0)` serves all of them.
 
-  Randomness (jitter, noise, policy 'random', dropout) comes from streams forked
-  from `rngs` at construction: 'router' (or else 'dropout') for the router,
-  'dropout' for expert dropout. A plain `nnx.Rngs(0)` serves all of them.
+  Args:
+    d_model: M.
+    d_ff: H, each expert's hidden dim.
+    num_experts: E.
+    router: one of routing.ROUTERS.
+    num_selected: K for 'topk' and 'noisy_topk'; the other routers fix K
+      (routing.FIXED_K: switch 1, gshard 2, expert_choice 1, where the
+      capacity factor is the average number of experts per token).
+    train_capacity_factor, eval_capacity_factor: capacity factor in training
+      and in deterministic (eval) mode.
+    min_capacity: the least capacity per expert and group.
+    group_size: S, tokens per routing group (min(S, B * L) is used).
+    activation: one of ffn.ACTIVATIONS.
+    expert_dropout: dropout rate on the experts' hidden activations.
+    router_jitter: eps of the multiplicative U(1 - eps, 1 + eps) noise on the
+      router input, training only.
+    router_dtype: the router's compute dtype (float32; bfloat16 for the
+      instability ablation).
+    router_init_std: std of the router kernel's normal init.
+    second_expert_policy: 'gshard': 'all' or 'random'.
+    normalize_weights: 'topk': renormalise the K weights to sum to 1.
+    batch_prioritized: claim slots in order of top gate (V-MoE BPR).
+    dispatch: one of dispatch.DISPATCHES (or an alias such as 'fast').
+    expert_parallel: one of expert_parallel.PATHS (used on a mesh).
+    expert_impl: one of experts.EXPERT_IMPLS.
+    init_scale: Switch's weight init scale s of the experts.
+    dtype: the experts' compute dtype (params are float32).
+    deterministic: eval mode.
+    rngs: 'params' for the init, 'dropout' / 'router' streams.
   """
 
   def __init__(self, d_model: int, d_ff: int, *, num_experts: int,
@@ -405,36 +155,34 @@ class MoeLayer(nnx.Module):
                router_dtype: Any = jnp.float32, router_init_std: float = 0.02,
                second_expert_policy: str = "all",
                normalize_weights: bool = True, batch_prioritized: bool = False,
-               dispatch: str = "fast", expert_parallel: str = "gspmd",
+               dispatch: str = "gather", expert_parallel: str = "gspmd",
                expert_impl: str = "auto", init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
-    _check_choice("router", router, ROUTERS)
-    _check_choice("dispatch", dispatch, DISPATCHES)
+    dispatch = dispatch_lib.canonical(dispatch)
+    _check_choice("router", router, routing_lib.ROUTERS)
+    _check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
     _check_choice("expert_parallel", expert_parallel, expert_parallel_lib.PATHS)
-    _check_choice("second_expert_policy", second_expert_policy, ("all", "random"))
-    if num_experts < 1:
-      raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
-    if router == "gshard" and num_experts < 2:
-      raise ValueError("router 'gshard' picks 2 experts per token; needs num_experts >= 2.")
-    if router in ("topk", "noisy_topk") and not 1 <= num_selected <= num_experts:
-      raise ValueError(
-          f"num_selected={num_selected} must be in [1, num_experts={num_experts}].")
-    for name, cf in (("train_capacity_factor", train_capacity_factor),
-                     ("eval_capacity_factor", eval_capacity_factor)):
-      if cf <= 0:
-        raise ValueError(f"{name} must be > 0, got {cf}.")
-    if group_size < 1:
-      raise ValueError(f"group_size must be >= 1, got {group_size}.")
+    _check_choice("second_expert_policy", second_expert_policy,
+                  routing_lib.SECOND_EXPERT_POLICIES)
+    k = routing_lib.experts_per_token(router, num_selected)
+    if not 1 <= k <= num_experts:
+      raise ValueError(f"experts per token K={k} (router {router!r}, "
+                       f"num_selected={num_selected}) must be in [1, "
+                       f"num_experts={num_experts}].")
+    for name, value in (("train_capacity_factor", train_capacity_factor),
+                        ("eval_capacity_factor", eval_capacity_factor),
+                        ("group_size", group_size),
+                        ("min_capacity", min_capacity)):
+      if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
     if dispatch == "dropless" and router == "expert_choice":
-      raise ValueError(
-          "dispatch 'dropless' needs a token-choice router; 'expert_choice' "
-          "picks a fixed number of tokens per expert (use 'fast' or 'einsum').")
+      raise ValueError("dispatch 'dropless' needs a token-choice router.")
 
     self.d_model = d_model
     self.num_experts = num_experts
     self.router_name = router
-    self.num_selected = _FIXED_K.get(router, num_selected)
+    self.num_selected = k
     self.train_capacity_factor = train_capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
     self.min_capacity = min_capacity
@@ -451,13 +199,13 @@ class MoeLayer(nnx.Module):
                          jitter=router_jitter, dtype=router_dtype,
                          init_std=router_init_std, deterministic=deterministic,
                          rngs=rngs)
-    self.experts = Experts(num_experts, d_model, d_ff, activation=activation,
-                           dropout=expert_dropout, init_scale=init_scale,
-                           dtype=dtype, impl=expert_impl,
-                           deterministic=deterministic, rngs=rngs)
+    self.experts = experts_lib.Experts(
+        num_experts, d_model, d_ff, activation=activation,
+        dropout=expert_dropout, init_scale=init_scale, dtype=dtype,
+        impl=expert_impl, deterministic=deterministic, rngs=rngs)
     needs_rng = router == "noisy_topk" or (
         router == "gshard" and second_expert_policy == "random")
-    self.rngs = _fork_stream(rngs, ("router", "dropout")) if needs_rng else None
+    self.rngs = ffn.fork_stream(rngs, ("router", "dropout")) if needs_rng else None
     if needs_rng and self.rngs is None:
       raise ValueError(
           f"router {router!r} with policy {second_expert_policy!r} needs an rng "
@@ -494,12 +242,51 @@ class MoeLayer(nnx.Module):
         batch_prioritized=self.batch_prioritized)
     return routing, logits
 
+  def _shard_map_experts(self, groups: jax.Array,
+                         routing: routing_lib.Routing) -> jax.Array:
+    """Dispatch, batched experts and combine with explicit all-to-alls."""
+    experts = self.experts
+    wi, wo = experts.weights()
+    names = ffn.wi_names(experts.activation)
+    keep = experts.dropout_keep(
+        (self.num_experts, groups.shape[0], routing.capacity, wo.shape[1]),
+        self.deterministic)
+
+    def expert_fn(buffers, weights, keep):
+      return ffn.apply(buffers, tuple(weights[n] for n in names),
+                       weights["wo"], experts_lib.BATCHED_SPECS,
+                       experts.activation, experts.dtype, keep,
+                       experts.dropout.rate)
+
+    dispatch_fn, combine_fn = dispatch_lib.functions(self.dispatch)
+    return expert_parallel_lib.shard_map_experts(
+        groups, routing, weights={**dict(zip(names, wi)), "wo": wo},
+        expert_fn=expert_fn, dispatch_fn=dispatch_fn, combine_fn=combine_fn,
+        keep=keep)
+
+  def _buffered_experts(self, groups: jax.Array,
+                        routing: routing_lib.Routing) -> jax.Array:
+    """Dispatch into [E, G, C, M] buffers, experts, combine (GSPMD on a mesh)."""
+    dispatch, combine = dispatch_lib.functions(self.dispatch)
+    if partitioning.current_mesh() is not None:
+      # Group by group, so that XLA keeps the groups where they are.
+      dispatch = functools.partial(
+          expert_parallel_lib.per_group(dispatch), x_axis=0, out_axis=1)
+      combine = functools.partial(
+          expert_parallel_lib.per_group(combine), x_axis=1, out_axis=0)
+    buffers = dispatch(groups, routing)
+    # GSPMD: E over 'expert' for the experts (an all-to-all), and back.
+    buffers = expert_parallel_lib.to_experts(buffers)
+    outputs = self.experts(buffers, deterministic=self.deterministic)
+    outputs = expert_parallel_lib.from_experts(outputs)
+    return combine(outputs, routing)
+
   def __call__(self, x: jax.Array) -> tuple[jax.Array, MoeOutput]:
     """x[B, L, M] -> (y[B, L, M] in `dtype`, MoeOutput)."""
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(
           f"MoeLayer expects tokens [B, L, M={self.d_model}], got shape {x.shape}.")
-    groups = group_tokens(x, self.group_size)  # [G, S, M]
+    groups = dispatch_lib.group_tokens(x, self.group_size)  # [G, S, M]
     # On a mesh: whole groups per device, routed where they are.
     groups = expert_parallel_lib.constrain_groups(groups)
     routing, logits = self.route(groups)
@@ -508,23 +295,9 @@ class MoeLayer(nnx.Module):
       y = dropless_lib.apply(groups, routing, self.experts,
                              deterministic=self.deterministic)
     elif expert_parallel_lib.uses_shard_map(self.expert_parallel):
-      y = expert_parallel_lib.shard_map_experts(self, groups, routing)
+      y = self._shard_map_experts(groups, routing)
     else:
-      dispatch, combine = ((dispatch_einsum, combine_einsum)
-                           if self.dispatch == "einsum"
-                           else (dispatch_gather, combine_fast))
-      if partitioning.current_mesh() is not None:
-        # Group by group, so that XLA keeps the groups where they are.
-        dispatch = functools.partial(
-            expert_parallel_lib.per_group(dispatch), x_axis=0, out_axis=1)
-        combine = functools.partial(
-            expert_parallel_lib.per_group(combine), x_axis=1, out_axis=0)
-      buffers = dispatch(groups, routing)
-      # GSPMD: E over 'expert' for the experts (an all-to-all), and back.
-      buffers = expert_parallel_lib.to_experts(buffers)
-      outputs = self.experts(buffers, deterministic=self.deterministic)  # [E, G, C, M]
-      outputs = expert_parallel_lib.from_experts(outputs)
-      y = combine(outputs, routing)
+      y = self._buffered_experts(groups, routing)
     y = expert_parallel_lib.constrain_groups(y)
     aux = MoeOutput(aux_loss=routing.aux_loss,
                     z_loss=routing_lib.router_z_loss(logits.astype(jnp.float32)),

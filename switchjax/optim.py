@@ -15,8 +15,9 @@ H once E >= M, and clip and scale across all experts together.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,36 +32,51 @@ EPSILON1 = 1e-30  # added to squared gradients
 CLIPPING_THRESHOLD = 1.0  # update clipping: RMS of an update block <= 1
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
-def is_expert_param(path: Sequence[Any], shape: Sequence[int]) -> bool:
+def logical_names(x: Any) -> Optional[tuple[Optional[str], ...]]:
+  """The logical axis names an nnx Variable carries (`out_sharding`), or None."""
+  if not isinstance(x, nnx.Variable):
+    return None
+  names = x.get_metadata().get("out_sharding")
+  return tuple(names) if names is not None else None
+
+
+def is_expert_param(path: Sequence[Any], shape: Sequence[int],
+                    names: Optional[Sequence[Optional[str]]] = None) -> bool:
   """Whether a leaf holds stacked per-expert weights with a leading expert axis.
 
-  True for leaves of rank >= 3 whose path has a key containing 'expert' (the
-  model keeps them under `.../mlp/experts/{wi,wi_0,wi_1,wo}`). The router's
-  `[M, E]` kernel lives under 'router' and is an ordinary matrix.
+  True for leaves of rank >= 3 whose logical axis `names` (the Variable's
+  metadata, e.g. `('expert', 'embed', 'expert_mlp')`) put 'expert' on a
+  leading axis. The router's `[M, E]` kernel is `('embed', 'unmodeled')`: an
+  ordinary matrix. Leaves without names (plain arrays) fall back to their
+  path: a key containing 'expert' (the model keeps the expert weights under
+  `.../mlp/experts/{wi,wi_0,wi_1,wo}`).
   """
-  return len(shape) >= 3 and any(
-      "expert" in _key_name(k).lower() for k in path)
+  if len(shape) < 3:
+    return False
+  if names is not None:
+    return "expert" in tuple(names)[:-2]
+  return "expert" in jax.tree_util.keystr(
+      tuple(path), simple=True, separator="/").lower()
 
 
-def _matrix_view(path: Sequence[Any], shape: Sequence[int]
+def _matrix_view(path: Sequence[Any], shape: Sequence[int],
+                 names: Optional[Sequence[Optional[str]]] = None
                  ) -> tuple[int, tuple[int, ...]]:
   """(number of leading batch axes, shape Adafactor factors) for one leaf.
 
-  Expert leaves: every axis but the last two is a batch axis. Other leaves of
-  rank > 2 (attention `[M, N, D]`, `[N, D, M]`) are factored as a matrix of
-  their largest axis against the product of the others when that axis comes
-  first or last (T5X factors 'embed' against 'heads' x 'kv'); otherwise, and
-  for rank <= 2, as they are.
+  Expert leaves (`is_expert_param`; `names` are the leaf's logical axis
+  names, if it has any): every axis but the last two is a batch axis. Other
+  leaves of rank > 2 (attention `[M, N, D]`, `[N, D, M]`) are factored as a
+  matrix of their largest axis against the product of the others when that
+  axis comes first or last (T5X factors 'embed' against 'heads' x 'kv');
+  otherwise, and for rank <= 2, as they are.
   """
   shape = tuple(shape)
-  if is_expert_param(path, shape):
+  if is_expert_param(path, shape, names):
     return len(shape) - 2, shape[-2:]
   if len(shape) > 2:
     largest = max(range(len(shape)), key=lambda i: shape[i])
@@ -94,8 +110,14 @@ def per_matrix(inner: optax.GradientTransformation
   """
 
   def views(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(_matrix_view(path, x.shape), x) for path, x in flat], treedef
+    # Each array with the view of its leaf; nnx Variables carry the names.
+    leaf_views = []
+    for path, x in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=_is_variable)[0]:
+      view = _matrix_view(path, x.shape, logical_names(x))
+      leaf_views += [view] * len(jax.tree.leaves(x))
+    flat, treedef = jax.tree_util.tree_flatten(tree)
+    return list(zip(leaf_views, flat)), treedef
 
   def init_fn(params):
     leaves, _ = views(params)
@@ -156,21 +178,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     first `warmup_steps` steps, then 1/sqrt(step) decay (T5: 0.01 for 10k steps).
   - 'constant': linear warm-up from 0 over `warmup_steps` (none if 0), then lr.
   - 'cosine': linear warm-up from 0, then cosine decay to 0 at `num_steps`.
+
+  The values are validate.prepare's to check (rsqrt needs warmup_steps >= 1,
+  cosine num_steps > warmup_steps).
   """
   t = config.train
   lr, warmup = float(t.learning_rate), int(t.warmup_steps)
-  if t.schedule not in SCHEDULES:
-    raise ValueError(
-        f"Unknown train.schedule {t.schedule!r}; expected one of {SCHEDULES}.")
-  if not lr > 0:
-    raise ValueError(f"train.learning_rate must be > 0, got {t.learning_rate}.")
-  if warmup < 0:
-    raise ValueError(f"train.warmup_steps must be >= 0, got {warmup}.")
+  assert t.schedule in SCHEDULES, t.schedule
   if t.schedule == "rsqrt":
-    if warmup < 1:
-      raise ValueError("train.schedule 'rsqrt' needs train.warmup_steps >= 1 "
-                       f"(the constant-peak steps), got {warmup}.")
-
     def rsqrt(step):
       step = jnp.asarray(step, jnp.float32)
       return lr * jnp.sqrt(warmup / jnp.maximum(step, float(warmup)))
@@ -181,10 +196,6 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
         [warmup])
-  if t.num_steps <= warmup:
-    raise ValueError(
-        f"train.schedule 'cosine' needs train.num_steps ({t.num_steps}) > "
-        f"train.warmup_steps ({warmup}).")
   return optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup_steps=warmup, decay_steps=int(t.num_steps), end_value=0.0)
 
@@ -197,36 +208,22 @@ def make_optimizer(config: ml_collections.ConfigDict
   decoupled and multiplied by the learning rate (AdamW's convention, for both
   optimizers), on parameters of rank >= 2 only. Adafactor's optional momentum
   (train.adafactor_momentum) averages the updates before the learning rate is
-  applied (T5X averages them after; the same under a constant rate).
+  applied (T5X averages them after; the same under a constant rate). The
+  values are validate.prepare's to check.
   """
   t = config.train
-  if t.optimizer not in OPTIMIZERS:
-    raise ValueError(
-        f"Unknown train.optimizer {t.optimizer!r}; expected one of {OPTIMIZERS}.")
-  if t.grad_clip < 0:
-    raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}.")
-  if t.weight_decay < 0:
-    raise ValueError(f"train.weight_decay must be >= 0, got {t.weight_decay}.")
+  assert t.optimizer in OPTIMIZERS, t.optimizer
   schedule = learning_rate_schedule(config)
 
   chain = []
   if t.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(t.grad_clip))
   if t.optimizer == "adafactor":
-    if not 0.0 <= t.adafactor_momentum < 1.0:
-      raise ValueError("train.adafactor_momentum must be in [0, 1), got "
-                       f"{t.adafactor_momentum}.")
-    if not 0.0 < t.adafactor_decay_rate <= 1.0:
-      raise ValueError("train.adafactor_decay_rate must be in (0, 1], got "
-                       f"{t.adafactor_decay_rate}.")
     chain.append(scale_by_adafactor(decay_rate=t.adafactor_decay_rate))
     if t.adafactor_momentum > 0:
       # T5X's beta1: an undebiased average of the updates.
       chain.append(optax.ema(t.adafactor_momentum, debias=False))
   else:
-    for key in ("adam_b1", "adam_b2"):
-      if not 0.0 <= t[key] < 1.0:
-        raise ValueError(f"train.{key} must be in [0, 1), got {t[key]}.")
     chain.append(optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps))
   if t.weight_decay > 0:
     chain.append(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask))

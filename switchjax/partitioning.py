@@ -18,18 +18,18 @@ follows its parameter: Adafactor's per-expert statistics (`count f32[E]`,
 leading axis like the expert weights.
 
 The MoE layer reads the mesh and the rules of the current trace from context:
-`jax.sharding.get_abstract_mesh()` and `current_rules()`, both set by
-`in_mesh` (the trainer wraps its steps with it).
+`jax.sharding.get_abstract_mesh()` and `current_rules()` (flax's logical axis
+rules, `nnx.logical_axis_rules`), both set by `in_mesh` (the trainer wraps its
+steps with it).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 from flax import nnx
+from flax.core import spmd as flax_spmd
 import jax
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -176,12 +176,9 @@ def logical_to_spec(names: Sequence[Optional[str]],
   return P(*dims)
 
 
-def variable_names(v: Any) -> Optional[tuple[Optional[str], ...]]:
-  """The logical axis names an nnx Variable carries, or None."""
-  if not isinstance(v, nnx.Variable):
-    return None
-  names = v.get_metadata().get("out_sharding")
-  return tuple(names) if names is not None else None
+# The logical axis names an nnx Variable carries, or None (the optimizer
+# reads them too: they mark the expert weights).
+variable_names = optim.logical_names
 
 
 def _is_var(x: Any) -> bool:
@@ -220,8 +217,9 @@ def _per_matrix_specs(state: optim.PerMatrixState, params: Any, mesh,
         f"{len(flat)}")
   out = []
   for (path, p), inner in zip(flat, state.leaves):
-    names = variable_names(p) or (None,) * len(p.shape)
-    n, _ = optim._matrix_view(path, p.shape)  # pylint: disable=protected-access
+    names = variable_names(p)
+    n, _ = optim._matrix_view(path, p.shape, names)  # pylint: disable=protected-access
+    names = names or (None,) * len(p.shape)
 
     def f(x, names=names, shape=tuple(p.shape), n=n):
       s = tuple(x.shape)
@@ -283,22 +281,19 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 # ---------------------------------------------------------------------------
 # Trace context: the mesh and rules that layers see while being traced.
 
-_RULES: contextvars.ContextVar[Optional[Rules]] = contextvars.ContextVar(
-    "switchjax_axis_rules", default=None)
-
-
-@contextlib.contextmanager
-def axis_rules(rules: Rules):
-  token = _RULES.set(dict(rules))
-  try:
-    yield
-  finally:
-    _RULES.reset(token)
+def _flax_rules(rules: Rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Rules as flax's logical axis rules: (logical name, mesh axes) pairs."""
+  return tuple(rules.items())
 
 
 def current_rules() -> Rules:
-  rules = _RULES.get()
-  return DEFAULT_RULES if rules is None else rules
+  """The rules of the current trace (flax's `nnx.logical_axis_rules`, set by
+  `in_mesh`); DEFAULT_RULES where none are set."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules:
+    return DEFAULT_RULES
+  return {name: (axes,) if isinstance(axes, str) else tuple(axes or ())
+          for name, axes in rules}
 
 
 def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
@@ -317,7 +312,8 @@ def in_mesh(fn: Callable, mesh: jax.sharding.Mesh,
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(rules):
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nnx.logical_axis_rules(_flax_rules(rules))):
       return fn(*args, **kwargs)
   return wrapped
 

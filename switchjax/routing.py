@@ -1,7 +1,6 @@
 """Routers: pure functions from router logits to a `Routing`.
 
-Notation: G groups, S tokens per group, E experts, C expert capacity (slots
-per expert per group), K experts chosen per token.
+Notation: see `switchjax/__init__.py`.
 
 Every router takes logits `f32[G, S, E]` and returns a `Routing`, which keeps a
 compact form: for each slot of each expert the token sitting in it
@@ -432,6 +431,24 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk")
+SECOND_EXPERT_POLICIES = ("all", "random")
+# Experts each token is sent to, for routers whose K is fixed by the algorithm
+# (expert choice: 1, there the capacity factor is the mean experts per token).
+FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1}
+# Routers in which later tokens of a group decide what earlier ones get (each
+# expert picks its tokens from the whole group): they would let a decoder see
+# future tokens. Batch-prioritized routing (any router) is the same.
+NON_CAUSAL_ROUTERS = ("expert_choice",)
+
+
+def experts_per_token(router: str, num_selected: int) -> int:
+  """K of `router`: fixed by the algorithm, else `num_selected` (topk, noisy_topk)."""
+  return FIXED_K.get(router, num_selected)
+
+
+def is_causal(router: str, batch_prioritized: bool = False) -> bool:
+  """Whether a token's routing depends only on itself and earlier tokens."""
+  return router not in NON_CAUSAL_ROUTERS and not batch_prioritized
 
 
 def route(router: str, logits: jax.Array, capacity: int, *,

@@ -73,8 +73,8 @@ def _check_finished_cell(config: ml_collections.ConfigDict, cell_dir: str,
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = grid_lib.flatten(json.load(f))
-  new = grid_lib.flatten(json.loads(config.to_json()))
+    old = validate.canonical_values(grid_lib.flatten(json.load(f)))
+  new = validate.canonical_values(grid_lib.flatten(json.loads(config.to_json())))
   changed = sorted(k for k in old.keys() & new.keys()
                    if old[k] != new[k] and k not in validate.RUN_KEYS)
   if changed:

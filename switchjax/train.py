@@ -9,7 +9,6 @@ makes a resumed run draw the same random numbers as one never stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -82,6 +81,63 @@ def _router_metrics(aux: model_lib.ModelAux,
   return out
 
 
+def _loss_fn(model, batch, config):
+  """The training objective: token cross-entropy plus the router losses."""
+  logits, aux = model(**model_inputs(batch, config.model.arch))
+  loss, ce = cross_entropy(
+      logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+      config.train.label_smoothing, config.train.logits_z_loss)
+  total = (loss + config.moe.aux_loss_coef * aux.aux_loss
+           + config.moe.z_loss_coef * aux.z_loss)
+  return total, (ce, aux)
+
+
+def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key):
+  """One optimizer step on `batch`: (new state, metrics)."""
+  model = nnx.merge(graphdef, state["params"], rng_state)
+  step_key = jax.random.fold_in(base_key, state["step"])
+  nnx.reseed(model, **{s: jax.random.fold_in(step_key, i)
+                       for i, s in enumerate(RNG_STREAMS)})
+  grad_fn = nnx.value_and_grad(
+      lambda model, batch: _loss_fn(model, batch, config), has_aux=True)
+  (total, (ce, aux)), grads = grad_fn(model, batch)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  grad_norm = optax.tree.norm(grads)
+  param_norm = optax.tree.norm(params)
+  # One flag for loss, gradients and the updated params: the host reads it
+  # (faults.FiniteWatch) instead of every value.
+  finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(param_norm))
+  # A non-finite step leaves params and optimizer state as they were
+  # (Adafactor's moments would keep a NaN forever); it still counts as a
+  # step, so data and rng stay those of a run without the fault. Done under
+  # either nan_policy (the select fuses into the update): 'stop' differs
+  # only on the host, which stops at the first skipped step.
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, params, state["params"])
+  opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+  skipped = state["skipped_steps"] + (~finite).astype(jnp.int32)
+  metrics = {"loss": ce["nll"], "total_loss": total,
+             "accuracy": ce["accuracy"],
+             "grad_norm": grad_norm, "param_norm": param_norm,
+             "skipped_steps": skipped, "finite": finite,
+             **_router_metrics(aux)}
+  new_state = {"step": state["step"] + 1, "params": params,
+               "opt_state": opt_state, "skipped_steps": skipped}
+  return new_state, metrics
+
+
+def _eval_step(params, rng_state, batch, *, config, graphdef):
+  """Validation metrics of one batch (no router losses in the loss)."""
+  model = nnx.merge(graphdef, params, rng_state)
+  logits, aux = model(**model_inputs(batch, config.model.arch))
+  _, ce = cross_entropy(logits, batch["decoder_target_tokens"],
+                        batch["decoder_loss_weights"])
+  return {"loss": ce["nll"], "accuracy": ce["accuracy"],
+          **_router_metrics(aux, per_layer=True)}
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything a run compiles once: graph, optimizer, shardings, steps."""
@@ -89,10 +145,14 @@ class Trainer:
   mesh: jax.sharding.Mesh
   train_graphdef: Any
   eval_graphdef: Any
-  rest: Any  # non-param model state (rng streams), reseeded every step
+  # The non-param model state: the rng streams, reseeded every step.
+  rng_state: Any
   tx: optax.GradientTransformation
   abstract_state: Any  # ShapeDtypeStructs with shardings
   state_shardings: Any
+  # The batch's: leading axis over the 'batch' rule's mesh axes.
+  batch_sharding: jax.sharding.NamedSharding = dataclasses.field(
+      init=False, repr=False)
 
   def init_state(self) -> dict[str, Any]:
     init = jax.jit(_init_fn(self.config, self.tx),
@@ -100,81 +160,38 @@ class Trainer:
     return init()
 
   def train_step(self, state, batch):
-    return self._jit_train(state, self.rest, batch)
+    return self._jit_train(state, self.rng_state, batch)
 
   def eval_step(self, params, batch):
-    return self._jit_eval(params, self.rest, batch)
+    return self._jit_eval(params, self.rng_state, batch)
 
   def __post_init__(self):
     c = self.config
-    arch = c.model.arch
     base_key = jax.random.key(c.seed + 1)
 
-    def loss_fn(model, batch):
-      logits, aux = model(**model_inputs(batch, arch))
-      loss, ce = cross_entropy(
-          logits, batch["decoder_target_tokens"],
-          batch["decoder_loss_weights"], c.train.label_smoothing,
-          c.train.logits_z_loss)
-      total = (loss + c.moe.aux_loss_coef * aux.aux_loss
-               + c.moe.z_loss_coef * aux.z_loss)
-      return total, (ce, aux)
+    def train_step(state, rng_state, batch):
+      return _train_step(state, rng_state, batch, config=c,
+                         graphdef=self.train_graphdef, tx=self.tx,
+                         base_key=base_key)
 
-    def train_step(state, rest, batch):
-      model = nnx.merge(self.train_graphdef, state["params"], rest)
-      step_key = jax.random.fold_in(base_key, state["step"])
-      nnx.reseed(model, **{s: jax.random.fold_in(step_key, i)
-                           for i, s in enumerate(RNG_STREAMS)})
-      grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-      (total, (ce, aux)), grads = grad_fn(model, batch)
-      updates, opt_state = self.tx.update(grads, state["opt_state"],
-                                          state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      grad_norm = optax.tree.norm(grads)
-      param_norm = optax.tree.norm(params)
-      # One flag for loss, gradients and the updated params: the host reads
-      # it (faults.FiniteWatch) instead of every value.
-      finite = (jnp.isfinite(total) & jnp.isfinite(grad_norm)
-                & jnp.isfinite(param_norm))
-      # A non-finite step leaves params and optimizer state as they were
-      # (Adafactor's moments would keep a NaN forever); it still counts as a
-      # step, so data and rng stay those of a run without the fault. Done
-      # under either nan_policy (the select fuses into the update): 'stop'
-      # differs only on the host, which stops at the first skipped step.
-      keep = lambda new, old: jnp.where(finite, new, old)
-      params = jax.tree.map(keep, params, state["params"])
-      opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
-      skipped = state["skipped_steps"] + (~finite).astype(jnp.int32)
-      metrics = {"loss": ce["nll"], "total_loss": total,
-                 "accuracy": ce["accuracy"],
-                 "grad_norm": grad_norm, "param_norm": param_norm,
-                 "skipped_steps": skipped, "finite": finite,
-                 **_router_metrics(aux)}
-      new_state = {"step": state["step"] + 1, "params": params,
-                   "opt_state": opt_state, "skipped_steps": skipped}
-      return new_state, metrics
-
-    def eval_step(params, rest, batch):
-      model = nnx.merge(self.eval_graphdef, params, rest)
-      logits, aux = model(**model_inputs(batch, arch))
-      _, ce = cross_entropy(logits, batch["decoder_target_tokens"],
-                            batch["decoder_loss_weights"])
-      return {"loss": ce["nll"], "accuracy": ce["accuracy"],
-              **_router_metrics(aux, per_layer=True)}
+    def eval_step(params, rng_state, batch):
+      return _eval_step(params, rng_state, batch, config=c,
+                        graphdef=self.eval_graphdef)
 
     rep = partitioning.replicated(self.mesh)
     rules = partitioning.rules_from_config(c)
-    batch_sh = partitioning.batch_sharding(self.mesh, rules)
+    self.batch_sharding = partitioning.batch_sharding(self.mesh, rules)
     # Traced with the mesh and axis rules in context: the MoE layers read
     # them to place their groups and experts (switchjax/expert_parallel.py).
     self._jit_train = jax.jit(
         partitioning.in_mesh(train_step, self.mesh, rules),
-        in_shardings=(self.state_shardings, rep, batch_sh),
+        in_shardings=(self.state_shardings, rep, self.batch_sharding),
         out_shardings=(self.state_shardings, rep),
         donate_argnums=(0,))
     self._jit_eval = jax.jit(
         partitioning.in_mesh(eval_step, self.mesh, rules),
-        in_shardings=(self.state_shardings["params"], rep, batch_sh),
+        in_shardings=(self.state_shardings["params"], rep,
+                      self.batch_sharding),
         out_shardings=rep)
 
 
@@ -205,7 +222,7 @@ def make_trainer(config: ml_collections.ConfigDict,
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
   # The non-param state (rng streams) is tiny; under jit XLA drops the
   # unused param initialisers, so this allocates no weights.
-  rest = jax.jit(lambda: nnx.split(model_lib.build_model(
+  rng_state = jax.jit(lambda: nnx.split(model_lib.build_model(
       config, rngs=_make_rngs(config.seed)), nnx.Param, ...)[2])()
   abstract_state = jax.eval_shape(_init_fn(config, tx))
   shardings = partitioning.state_shardings(
@@ -214,7 +231,7 @@ def make_trainer(config: ml_collections.ConfigDict,
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
   return Trainer(config=config, mesh=mesh, train_graphdef=train_graphdef,
-                 eval_graphdef=eval_graphdef, rest=rest, tx=tx,
+                 eval_graphdef=eval_graphdef, rng_state=rng_state, tx=tx,
                  abstract_state=abstract_state, state_shardings=shardings)
 
 
@@ -226,9 +243,8 @@ def _tokens_per_batch(config) -> int:
 
 
 def _global_batch(trainer: Trainer, local: dict[str, np.ndarray]):
-  sharding = partitioning.batch_sharding(
-      trainer.mesh, partitioning.rules_from_config(trainer.config))
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+  """The global batch of this process's rows `local` (on trainer's mesh)."""
+  return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
           for k, v in local.items()}
 
 
@@ -253,15 +269,39 @@ def _param_count_line(config) -> str:
   return f"parameters: {total:,} total, {active:,} active per token"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains config in workdir (resuming if it holds a run); returns a summary.
+def _is_time(step: int, every: int, last: int) -> bool:
+  """Whether `step` is one to log / evaluate / save at: every N-th and the last."""
+  return step % every == 0 or step == last
 
-  Stops early, saving the step, on SIGTERM/SIGINT (summary["preempted"]
-  names the signal). Refuses bad configs and workdirs with
-  validate.ConfigError before writing anything; faults during the run raise
-  faults.RunError (NonFiniteError, checkpoint.CheckpointError) in one line.
-  """
+
+@dataclasses.dataclass
+class _Run:
+  """A run's pieces (from `_setup_run`) and what its loop leaves behind."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  is_main: bool
+  trainer: Trainer
+  state: Any  # the train state, replaced every step
+  train_iter: Any  # the train data iterator, saved with the state
+  checkpointer: ckpt_lib.Checkpointer
+  writer: writers.MetricsWriter
+  watch: faults.FiniteWatch
+  guard: preemption.PreemptionGuard
+  start: int  # the step restored (0 for a new run)
+  step: int  # the last step begun (start before the first)
+  stopped_at: Optional[int] = None  # the step a signal stopped the run after
+  last_train: dict[str, Any] = dataclasses.field(default_factory=dict)
+  last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def close(self, quiet: bool = False) -> None:
+    self.writer.close(quiet=quiet)
+    self.checkpointer.close()
+
+
+def _setup_run(config: ml_collections.ConfigDict, workdir: str,
+               allow_config_change: bool) -> _Run:
+  """Checks config and workdir, builds the trainer, restores or inits the
+  state, and opens the data, checkpoints and metrics of a run."""
   config = validate.prepare(config)  # fills vocab_size, checks everything
   is_main = jax.process_index() == 0
   validate.check_workdir(config, workdir, allow_config_change)
@@ -289,77 +329,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state = trainer.init_state()
   start = int(jax.device_get(state["step"]))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if is_main:
-    writers.truncate_metrics(metrics_path, after_step=start)
+    writers.truncate_metrics(os.path.join(workdir, "metrics.jsonl"),
+                             after_step=start)
   writer = writers.MetricsWriter(workdir, total_steps=config.train.num_steps,
                                  first_step=start, enabled=is_main)
-  t = config.train
-  tokens = _tokens_per_batch(config)
-  last_train, last_eval = {}, {}
-  tick, tick_step = time.perf_counter(), start
-  watch = faults.FiniteWatch(t.nan_policy, checkpointer.last_good_text)
-  guard = preemption.PreemptionGuard()
-  step, stopped_at = start, None
-  try:
-    with guard:
-      for step in range(start + 1, t.num_steps + 1):
-        batch = _global_batch(trainer, next(train_iter))
-        state, metrics = trainer.train_step(state, batch)
-        watch.push(step, metrics)  # checks the previous step meanwhile
-        if step % t.log_every == 0 or step == t.num_steps:
-          watch.check()  # never log a non-finite step
-          metrics = jax.device_get(metrics)
-          del metrics["finite"]
-          now = time.perf_counter()
-          metrics["tokens_per_sec"] = tokens * (step - tick_step) / (now - tick)
-          # The optimizer's count leaves out steps nan_policy='skip' dropped.
-          metrics["learning_rate"] = float(optim.learning_rate_schedule(
-              config)(step - 1 - int(metrics["skipped_steps"])))
-          tick, tick_step = now, step
-          writer.write(step, metrics)
-          last_train = metrics
-        writer.advance(step)
-        if step % t.eval_every == 0 or step == t.num_steps:
-          watch.check()
-          last_eval = evaluate(trainer, state["params"], config)
-          writer.write(step, last_eval, split="eval")
-          tick = time.perf_counter()  # eval time is not training throughput
-        stop = guard.should_stop(step)
-        if stop or step % t.checkpoint_every == 0 or step == t.num_steps:
-          watch.check()  # never save non-finite params
-          checkpointer.save(step, state, train_iter)
-          tick = time.perf_counter()
-        if stop:
-          stopped_at = step
-          break
-  except OSError as e:
-    writer.close(quiet=True)
-    checkpointer.close()
-    raise faults.io_failed(e, step, checkpointer.last_good_text()) from e
-  except BaseException:
-    writer.close(quiet=True)
-    checkpointer.close()
-    raise
-  writer.close()
-  checkpointer.close()
+  return _Run(
+      config=config, workdir=workdir, is_main=is_main, trainer=trainer,
+      state=state, train_iter=train_iter, checkpointer=checkpointer,
+      writer=writer,
+      watch=faults.FiniteWatch(config.train.nan_policy,
+                               checkpointer.last_good_text),
+      guard=preemption.PreemptionGuard(), start=start, step=start)
+
+
+class _Throughput:
+  """Training tokens per second between logged steps; eval and saves excluded."""
+
+  def __init__(self, tokens_per_step: int, step: int):
+    self.tokens_per_step = tokens_per_step
+    self.tick, self.tick_step = time.perf_counter(), step
+
+  def rate(self, step: int) -> float:
+    """Tokens per second since the last `rate` (or start); restarts the clock."""
+    now = time.perf_counter()
+    rate = self.tokens_per_step * (step - self.tick_step) / (now - self.tick)
+    self.tick, self.tick_step = now, step
+    return rate
+
+  def skip(self) -> None:
+    """Leaves the time since the last call out (an eval or a save ran)."""
+    self.tick = time.perf_counter()
+
+
+def _logged_metrics(config, step: int, metrics: dict[str, Any],
+                    clock: _Throughput) -> dict[str, Any]:
+  """A step's metrics as logged: on the host, with throughput and rate."""
+  metrics = jax.device_get(metrics)
+  del metrics["finite"]
+  metrics["tokens_per_sec"] = clock.rate(step)
+  # The optimizer's count leaves out steps nan_policy='skip' dropped.
+  metrics["learning_rate"] = float(optim.learning_rate_schedule(
+      config)(step - 1 - int(metrics["skipped_steps"])))
+  return metrics
+
+
+def _train_loop(run: _Run) -> None:
+  """Steps from run.start to train.num_steps, or until a signal stops it.
+
+  Logs, evaluates and saves on their schedules (and at the last step);
+  never logs, evaluates or saves after a non-finite step (run.watch).
+  """
+  config, trainer, t = run.config, run.trainer, run.config.train
+  clock = _Throughput(_tokens_per_batch(config), run.start)
+  with run.guard:
+    for step in range(run.start + 1, t.num_steps + 1):
+      run.step = step
+      batch = _global_batch(trainer, next(run.train_iter))
+      run.state, metrics = trainer.train_step(run.state, batch)
+      run.watch.push(step, metrics)  # checks the previous step meanwhile
+      if _is_time(step, t.log_every, t.num_steps):
+        run.watch.check()  # never log a non-finite step
+        run.last_train = _logged_metrics(config, step, metrics, clock)
+        run.writer.write(step, run.last_train)
+      run.writer.advance(step)
+      if _is_time(step, t.eval_every, t.num_steps):
+        run.watch.check()
+        run.last_eval = evaluate(trainer, run.state["params"], config)
+        run.writer.write(step, run.last_eval, split="eval")
+        clock.skip()  # eval time is not training throughput
+      stop = run.guard.should_stop(step)
+      if stop or _is_time(step, t.checkpoint_every, t.num_steps):
+        run.watch.check()  # never save non-finite params
+        run.checkpointer.save(step, run.state, run.train_iter)
+        clock.skip()
+      if stop:
+        run.stopped_at = step
+        break
+
+
+def _summarize(run: _Run) -> dict[str, Any]:
+  """The run's summary; process 0 prints it (or how to resume a stopped run)."""
   summary = {
-      "workdir": os.path.abspath(workdir),
-      "steps": step,
-      "train_loss": last_train.get("loss"),
-      "eval_loss": last_eval.get("loss"),
-      "tokens_per_sec": last_train.get("tokens_per_sec"),
-      "preempted": guard.reason if stopped_at is not None else None,
+      "workdir": os.path.abspath(run.workdir),
+      "steps": run.step,
+      "train_loss": run.last_train.get("loss"),
+      "eval_loss": run.last_eval.get("loss"),
+      "tokens_per_sec": run.last_train.get("tokens_per_sec"),
+      "preempted": run.guard.reason if run.stopped_at is not None else None,
   }
-  if is_main:
-    if stopped_at is not None:
-      print(f"stopped by {guard.reason} after step {stopped_at} of "
-            f"{t.num_steps}; saved checkpoint {stopped_at} in "
-            f"{checkpointer.directory}; run the same command again to resume",
-            flush=True)
+  if run.is_main:
+    if run.stopped_at is not None:
+      print(f"stopped by {run.guard.reason} after step {run.stopped_at} of "
+            f"{run.config.train.num_steps}; saved checkpoint {run.stopped_at} "
+            f"in {run.checkpointer.directory}; run the same command again to "
+            "resume", flush=True)
     else:
-      _print_summary(summary, checkpointer.directory)
+      _print_summary(summary, run.checkpointer.directory)
   return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       *, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains config in workdir (resuming if it holds a run); returns a summary.
+
+  Stops early, saving the step, on SIGTERM/SIGINT (summary["preempted"]
+  names the signal). Refuses bad configs and workdirs with
+  validate.ConfigError before writing anything; faults during the run raise
+  faults.RunError (NonFiniteError, checkpoint.CheckpointError) in one line.
+  """
+  run = _setup_run(config, workdir, allow_config_change)
+  try:
+    _train_loop(run)
+  except OSError as e:
+    run.close(quiet=True)
+    raise faults.io_failed(e, run.step,
+                           run.checkpointer.last_good_text()) from e
+  except BaseException:
+    run.close(quiet=True)
+    raise
+  run.close()
+  return _summarize(run)
 
 
 def _print_summary(summary: dict[str, Any], checkpoint_dir: str) -> None:

@@ -1,26 +1,37 @@
-"""Checks a run's config and workdir before any work, one clear line each.
+"""What a config may be, checked before any work, one clear line each.
 
-Everything here raises `ConfigError` (a ValueError) with a message that
-names the key at fault; main.py prints it and exits 1 without touching the
-workdir.
+First every key's kind and range (`switchjax.config_schema.SCHEMA`), then
+what keys say together (K <= E, causal decoders, group sizes, span
+corruption lengths, the schedule, the mesh, the sharding rules, the
+vocabulary and the data), then the workdir. Everything here raises
+`ConfigError` (a ValueError) with a message that names the key at fault;
+main.py prints it and exits 1 without touching the workdir. Modules keep
+only assertions on their own arguments; the wording of a config refusal
+lives here (or in the owner's function this file calls, such as
+`model.causal_error` and `partitioning.check_mesh`).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 
-from switchjax import config_base
+from switchjax import config_schema
+from switchjax import dispatch
+from switchjax import model
 from switchjax import partitioning
 from switchjax import routing
+from switchjax.data import span_corruption
 
 
-class ConfigError(ValueError):
-  """A config or workdir that cannot run."""
+# The public names of the schema, where callers have always found them.
+ConfigError = config_schema.ConfigError
+flatten = config_schema.flatten
 
 
 # Keys a resumed run may change freely: they steer the run, not the experiment.
@@ -33,7 +44,7 @@ RUN_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
 SAFE_KEYS = ("train.learning_rate", "train.schedule", "train.warmup_steps",
              "train.grad_clip", "train.weight_decay", "train.nan_policy",
              "train.label_smoothing", "moe.eval_capacity_factor",
-             "moe.dispatch")  # 'fast' == 'einsum', but 'dropless' drops nothing
+             "moe.dispatch")  # 'gather' == 'einsum', but 'dropless' drops nothing
 
 
 def _is_run_key(key: str) -> bool:
@@ -41,94 +52,139 @@ def _is_run_key(key: str) -> bool:
   return key in RUN_KEYS or key.startswith("partitioning.rules.")
 
 
-def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
+# ---------------------------------------------------------------------------
+# The checks.
 
 
-def _check_keys(config) -> None:
-  known = flatten(config_base.base_config())
-  unknown = sorted(set(flatten(config)) - set(known))
-  if unknown:
-    raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+def _check_model(config) -> None:
+  m = config.model
+  if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
+    raise ConfigError("model.num_encoder_layers must be >= 1 in an "
+                      f"encoder_decoder, got {m.num_encoder_layers}")
+  # attention.relative_position_bucket: a bidirectional (encoder) stack splits
+  # the buckets between the two directions; each direction keeps half of its
+  # buckets for exact offsets (max_exact) and log-spaces the rest up to
+  # max_distance, dividing by max_exact and by log(max_distance / max_exact).
+  buckets, distance = (m.relative_attention_num_buckets,
+                       m.relative_attention_max_distance)
+  if m.arch == "encoder_decoder" and buckets < 4:
+    raise ConfigError(
+        "model.relative_attention_num_buckets must be >= 4 in an "
+        "encoder_decoder (the encoder's two directions need an exact bucket "
+        f"each), got {buckets}")
+  if distance <= buckets // 2:
+    raise ConfigError(
+        f"model.relative_attention_max_distance must be > "
+        f"model.relative_attention_num_buckets // 2 = {buckets // 2} (the "
+        "decoder's exact offsets; the log-spaced buckets lie beyond), got "
+        f"{distance}")
 
 
 def _check_moe(config) -> None:
-  m, e = config.model, config.moe
-  if e.num_experts < 0:
-    raise ConfigError(f"moe.num_experts must be >= 0, got {e.num_experts}")
+  e, d, t = config.moe, config.data, config.train
   if e.num_experts == 0:
     return
-  for key in ("train_capacity_factor", "eval_capacity_factor"):
-    if not e[key] > 0:
-      raise ConfigError(f"moe.{key} must be > 0, got {e[key]}")
-  if e.sparse_every < 1:
-    raise ConfigError(f"moe.sparse_every must be >= 1, got {e.sparse_every}")
-  stacks = (("decoder",) if m.arch == "decoder_only"
-            else ("encoder", "decoder"))
-  for stack in stacks:
-    router = e[f"{stack}_router"] or e.router
-    if router not in routing.ROUTERS:
-      raise ConfigError(
-          f"moe.{stack}_router/moe.router: unknown router {router!r}; "
-          f"expected one of {routing.ROUTERS}")
-    if stack == "decoder" and router == "expert_choice":
-      raise ConfigError(
-          "expert_choice routing in the decoder leaks future tokens; use it "
-          "in the encoder only (moe.encoder_router) ")
-    if stack == "decoder" and e.batch_prioritized:
-      raise ConfigError(
-          "moe.batch_prioritized in the decoder leaks future tokens")
-    k = {"switch": 1, "gshard": 2, "expert_choice": 1}.get(router,
-                                                            e.num_selected)
-    if not 1 <= k <= e.num_experts:
-      raise ConfigError(
-          f"moe.num_selected={k} must be in [1, moe.num_experts="
-          f"{e.num_experts}] for router {router!r}")
-  if e.dispatch not in ("fast", "einsum", "dropless"):
-    raise ConfigError(
-        f"moe.dispatch must be 'fast', 'einsum' or 'dropless', got "
-        f"{e.dispatch!r}")
-  if e.expert_parallel not in ("gspmd", "shard_map"):
-    raise ConfigError(
-        f"moe.expert_parallel must be 'gspmd' or 'shard_map', got "
-        f"{e.expert_parallel!r}")
-  if e.dispatch == "dropless" and "expert_choice" in (
-      e.router, e.encoder_router, e.decoder_router):
-    raise ConfigError(
-        "moe.dispatch='dropless' needs token-choice routers; expert_choice "
-        "has no per-token choices to sort")
-  if e.group_size < 1:
-    raise ConfigError(f"moe.group_size must be >= 1, got {e.group_size}")
-  d, t = config.data, config.train
   lengths = ({"encoder": d.inputs_length, "decoder": d.targets_length}
-             if m.arch == "encoder_decoder" else {"decoder": d.seq_length})
-  for stack, length in lengths.items():
-    tokens = t.batch_size * length
+             if config.model.arch == "encoder_decoder"
+             else {"decoder": d.seq_length})
+  for stack in lengths:
+    router = model.stack_router(e, stack)
+    key = f"moe.{stack}_router" if e[f"{stack}_router"] else "moe.router"
+    k = routing.experts_per_token(router, e.num_selected)
+    if k > e.num_experts:
+      chosen = "" if router in routing.FIXED_K else " (moe.num_selected)"
+      raise ConfigError(
+          f"{key}={router!r} sends each token to K={k} experts{chosen}, more "
+          f"than moe.num_experts={e.num_experts}")
+    if stack == "decoder" and not routing.is_causal(router,
+                                                    e.batch_prioritized):
+      prefix = "" if e.batch_prioritized else f"{key}: "
+      raise ConfigError(prefix + model.causal_error(router,
+                                                    e.batch_prioritized))
+    if dispatch.canonical(e.dispatch) == "dropless" and router == "expert_choice":
+      raise ConfigError(
+          f"moe.dispatch='dropless' needs token-choice routers; {key}="
+          f"{router!r} has no per-token choices to sort")
+    tokens = t.batch_size * lengths[stack]
     group = min(e.group_size, tokens)
     if tokens % group:
       raise ConfigError(
           f"moe.group_size={e.group_size} does not divide the {stack}'s "
           f"{tokens} tokens per batch (train.batch_size={t.batch_size} x "
-          f"length {length})")
+          f"length {lengths[stack]})")
+
+
+def _too_short(d, needs: str) -> ConfigError:
+  return ConfigError(
+      f"data.targets_length={d.targets_length} is too short for span "
+      f"corruption of data.inputs_length={d.inputs_length} at noise_density="
+      f"{d.noise_density}, mean_noise_span_length={d.mean_noise_span_length}:"
+      f" it needs {needs}")
+
+
+def _too_dense(d, detail: str) -> ConfigError:
+  span = d.mean_noise_span_length
+  return ConfigError(
+      f"data.noise_density={d.noise_density} is too high for "
+      f"data.mean_noise_span_length={span}: every noise span needs a "
+      f"non-noise token before it ({detail}); use a noise_density <= about "
+      f"{span / (span + 1):.4g}")
+
+
+def _check_span_corruption(config, extra_ids: int) -> None:
+  """The lengths span_corruption really makes fit; its sentinels exist.
+
+  pipeline.py cuts raw examples of random_spans_helper's length L;
+  random_spans_noise_mask then draws round(L * density) noise tokens (at
+  least 1, at most L - 1) in round(noise / mean span) spans (at least 1),
+  each after a non-noise span: with more spans than non-noise tokens the
+  mask's spans would overlap and the outputs outgrow their lengths.
+  """
+  d = config.data
+  density, span = d.noise_density, d.mean_noise_span_length
+  # Cheap bounds first: random_spans_helper counts L up one by one.
+  if density > span / (span + 1):
+    raise _too_dense(d, "noise spans would outnumber the non-noise tokens")
+  inputs_per_raw = (1 - density) + density / span
+  approx = d.inputs_length / inputs_per_raw * density * (1 + 1 / span) + 1
+  if approx > 2 * d.targets_length + 2:
+    raise _too_short(d, f"about {int(approx)}")
+  raw, _ = span_corruption.random_spans_helper(d.inputs_length, density, span)
+  length = max(raw, 2)
+  noise = min(max(int(round(length * density)), 1), length - 1)
+  spans = max(int(round(noise / span)), 1)
+  nonnoise = length - noise
+  if spans > nonnoise or nonnoise + spans + 1 > d.inputs_length:
+    raise _too_dense(d, f"{spans} noise spans and {nonnoise} non-noise tokens "
+                     f"in a raw example of {length}")
+  if noise + spans + 1 > d.targets_length:
+    raise _too_short(d, str(noise + spans + 1))
+  if spans > extra_ids:
+    raise ConfigError(
+        f"data.inputs_length={d.inputs_length} at noise_density={density}, "
+        f"mean_noise_span_length={span} makes {spans} noise spans, more than "
+        f"the vocabulary's {extra_ids} sentinels")
+
+
+def _check_schedule(config) -> None:
+  t = config.train
+  if t.schedule == "rsqrt" and t.warmup_steps < 1:
+    raise ConfigError("train.schedule='rsqrt' needs train.warmup_steps >= 1 "
+                      f"(the constant-peak steps), got {t.warmup_steps}")
+  if t.schedule == "cosine" and t.num_steps <= t.warmup_steps:
+    raise ConfigError(
+        f"train.schedule='cosine' needs train.num_steps ({t.num_steps}) > "
+        f"train.warmup_steps ({t.warmup_steps})")
 
 
 def _check_mesh(config, num_devices: int) -> None:
   try:
-    data, expert, model = partitioning.mesh_shape(config, num_devices)
+    shape = partitioning.check_mesh(config, num_devices)
+    rules = partitioning.rules_from_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.moe.num_experts and config.moe.num_experts % expert:
-    raise ConfigError(
-        f"moe.num_experts={config.moe.num_experts} is not divisible by the "
-        f"mesh's expert axis ({expert})")
-  shards = data * expert
+  sizes = dict(zip(partitioning.MESH_AXES, shape))
+  shards = sizes["data"] * sizes["expert"]
   if config.train.batch_size % shards:
     raise ConfigError(
         f"train.batch_size={config.train.batch_size} is not divisible by the "
@@ -137,48 +193,14 @@ def _check_mesh(config, num_devices: int) -> None:
     raise ConfigError(
         f"train.batch_size={config.train.batch_size} is not divisible by the "
         f"{jax.process_count()} processes")
-  del model
-
-
-def _check_train(config) -> None:
-  t = config.train
-  for key in ("num_steps", "batch_size", "log_every", "eval_every",
-              "eval_steps", "checkpoint_every", "max_to_keep"):
-    if t[key] < 1:
-      raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
-  if config.moe.router_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(
-        f"moe.router_dtype must be 'float32' (or 'bfloat16' for the "
-        f"instability ablation), got {config.moe.router_dtype!r}")
-  if t.nan_policy not in ("stop", "skip"):
-    raise ConfigError(
-        f"train.nan_policy must be 'stop' or 'skip', got {t.nan_policy!r}")
-  if config.model.arch not in ("encoder_decoder", "decoder_only"):
-    raise ConfigError(
-        f"model.arch must be 'encoder_decoder' or 'decoder_only', got "
-        f"{config.model.arch!r}")
-
-
-def prepare(config: ml_collections.ConfigDict,
-            num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
-  """A validated copy of config with model.vocab_size set from the data."""
-  from switchjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(config.to_dict())
-  _check_keys(config)
-  _check_train(config)
-  _check_moe(config)
-  _check_mesh(config, num_devices or jax.device_count())
-  try:
-    partitioning.rules_from_config(config)
-  except ValueError as e:
-    raise ConfigError(f"partitioning.rules: {e}") from None
-  try:
-    vocab = data_lib.get_vocabulary(config)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"data.vocab_path: {e}") from None
-  _check_data(config)
-  config.model.vocab_size = vocab.vocab_size
-  return config
+  e = config.moe
+  if e.num_experts and e.expert_parallel == "shard_map":
+    split = math.prod(sizes[a] for a in rules["expert"])
+    if e.num_experts % split:
+      raise ConfigError(
+          f"moe.num_experts={e.num_experts} is not divisible by the {split} "
+          f"devices of partitioning.rules.expert={config.partitioning.rules.expert!r}"
+          " (moe.expert_parallel='shard_map')")
 
 
 def _check_data(config) -> None:
@@ -193,6 +215,42 @@ def _check_data(config) -> None:
                               config.data.data_dir or None)
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.name: {' '.join(str(e).split())}") from None
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 num_devices: Optional[int] = None) -> None:
+  """Every key's kind and range, then the checks across keys, without the
+  files (vocabulary, data): ConfigError on the first problem."""
+  flat = flatten(config)
+  config_schema.check_keys(flat)
+  config_schema.check_values(flat)
+  _check_model(config)
+  _check_moe(config)
+  _check_schedule(config)
+  _check_mesh(config, num_devices or jax.device_count())
+
+
+def prepare(config: ml_collections.ConfigDict,
+            num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
+  """A validated copy of config: model.vocab_size set from the data and
+  moe.dispatch under its current name ('fast' -> 'gather')."""
+  from switchjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  check_config(config, num_devices)
+  try:
+    vocab = data_lib.get_vocabulary(config)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"data.vocab_path: {e}") from None
+  if config.model.arch == "encoder_decoder":
+    _check_span_corruption(config, vocab.extra_ids)
+  _check_data(config)
+  config.model.vocab_size = vocab.vocab_size
+  config.moe.dispatch = dispatch.canonical(config.moe.dispatch)
+  return config
+
+
+# ---------------------------------------------------------------------------
+# The workdir.
 
 
 def _config_path(workdir: str) -> str:
@@ -214,6 +272,15 @@ def _check_writable(workdir: str) -> None:
     raise ConfigError(f"--workdir {workdir} is not writable{where}")
 
 
+def canonical_values(flat: dict[str, Any]) -> dict[str, Any]:
+  """Flat config values under their current names ('fast' -> 'gather'), so
+  that a workdir written before a rename compares equal."""
+  out = dict(flat)
+  if isinstance(out.get("moe.dispatch"), str):
+    out["moe.dispatch"] = dispatch.canonical(out["moe.dispatch"])
+  return out
+
+
 def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
   """Refuses a workdir that holds another experiment, or that we can't write."""
   _check_writable(workdir)
@@ -222,11 +289,11 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
     return
   try:
     with open(path) as f:
-      old = flatten(ml_collections.ConfigDict(json.load(f)))
+      old = canonical_values(flatten(json.load(f)))
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); refusing to reuse "
                       "this workdir") from None
-  new = flatten(config)
+  new = canonical_values(flatten(config))
   changed = sorted(k for k in set(old) | set(new)
                    if old.get(k) != new.get(k) and not _is_run_key(k))
   if not changed:

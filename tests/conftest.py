@@ -13,3 +13,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "TFDS_DATA_DIR" not in os.environ:
   import tempfile
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="switchjax_tfds_")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment(name: str, preset="tiny"):
+  """experiments/<name>.py's config for `preset`, as switchjax.main loads it.
+
+  `name` is an experiment's name ('switch_base') or a path to its file.
+  """
+  from switchjax import grid  # after the XLA flags above: it imports JAX
+  path = (name if name.endswith(".py")
+          else os.path.join(ROOT, "experiments", f"{name}.py"))
+  return grid.load_experiment(path, preset)
+
+
+def script(name: str):
+  """scripts/<name>.py as a module (the scripts are not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      f"scripts_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from switchjax import dispatch as dispatch_lib
+from switchjax import experts as experts_lib
 from switchjax import moe
 
 M, H, E = 8, 16, 4
@@ -50,7 +52,7 @@ ROUTER_CASES = {
 def test_fast_matches_einsum_outputs_and_grads(case):
   kw = dict(ROUTER_CASES[case], train_capacity_factor=0.5)
   # Same seed: same params and the same rng streams (noise, random policy).
-  fast = _layer(dispatch="fast", **kw)
+  fast = _layer(dispatch="gather", **kw)
   ref = _layer(dispatch="einsum", **kw)
   x = _x()
   cot = jax.random.normal(jax.random.key(1), x.shape)
@@ -97,7 +99,7 @@ def _all_to_expert_0(layer):
   layer.router.kernel[...] = jnp.asarray(kernel)
 
 
-@pytest.mark.parametrize("dispatch", ["fast", "einsum"])
+@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
 @pytest.mark.parametrize("capacity_factor", [1.0, 2.0])
 def test_drop_fraction_and_zero_rows(dispatch, capacity_factor):
   s = 16
@@ -149,7 +151,7 @@ def test_bfloat16_model_keeps_float32_router():
   x = _x()
   layer16 = _layer(dtype=jnp.bfloat16, train_capacity_factor=float(E))
   layer32 = _layer(dtype=jnp.float32, train_capacity_factor=float(E))
-  groups = moe.group_tokens(x.astype(jnp.bfloat16), 8)
+  groups = dispatch_lib.group_tokens(x.astype(jnp.bfloat16), 8)
   logits, _ = layer16.router(groups)
   assert layer16.router.kernel.dtype == jnp.float32
   assert layer16.experts.wi.dtype == jnp.float32
@@ -166,7 +168,7 @@ def test_bfloat16_model_keeps_float32_router():
 
 def test_router_dtype_bfloat16_ablation():
   layer = _layer(router_dtype=jnp.bfloat16)
-  logits, _ = layer.router(moe.group_tokens(_x(), 8))
+  logits, _ = layer.router(dispatch_lib.group_tokens(_x(), 8))
   assert logits.dtype == jnp.bfloat16
   y, aux = layer(_x())
   assert y.dtype == jnp.float32 and np.isfinite(float(aux.aux_loss))
@@ -205,7 +207,7 @@ def test_noise_dropout_and_random_policy_off_in_eval():
 
 
 def test_expert_dropout_is_inverted_dropout_on_hidden():
-  experts = moe.Experts(1, M, H, dropout=0.5, rngs=nnx.Rngs(0))
+  experts = experts_lib.Experts(1, M, H, dropout=0.5, rngs=nnx.Rngs(0))
   experts.wo[...] = jnp.eye(H, M)[None]  # output = first M hidden units
   buf = jnp.abs(jax.random.normal(jax.random.key(3), (1, 2, 64, M))) + 0.1
   out = np.asarray(experts(buf))
@@ -220,10 +222,33 @@ def test_rng_streams():
   kw = dict(router="gshard", second_expert_policy="random", expert_dropout=0.1,
             router_jitter=0.1)
   x = _x()
-  for rngs in (nnx.Rngs(0), nnx.Rngs(params=0, dropout=1),
-               nnx.Rngs(params=0, dropout=1, router=2)):
-    y, _ = _layer(rngs=rngs, **kw)(x)
-    assert np.all(np.isfinite(y))
+
+  def out(eval_mode=False, layer_kw=kw, **seeds):
+    layer = _layer(rngs=nnx.Rngs(params=0, **seeds), **layer_kw)
+    if eval_mode:
+      layer.eval()
+    return np.asarray(layer(x)[0])
+
+  ref = out(dropout=1, router=2)
+  # The same seeds draw the same numbers.
+  np.testing.assert_array_equal(out(dropout=1, router=2), ref)
+  # Each stream is used: the router seed (jitter, the random second expert)
+  # and the dropout seed (expert dropout) each change the output.
+  assert not np.allclose(out(dropout=1, router=3), ref)
+  assert not np.allclose(out(dropout=2, router=2), ref)
+  # ...and only its own: without expert dropout, the dropout seed is unused.
+  no_dropout = dict(kw, expert_dropout=0.0)
+  np.testing.assert_array_equal(out(layer_kw=no_dropout, dropout=1, router=2),
+                                out(layer_kw=no_dropout, dropout=2, router=2))
+  # Without a 'router' stream the router draws from 'dropout'.
+  assert not np.allclose(out(layer_kw=no_dropout, dropout=1),
+                         out(layer_kw=no_dropout, dropout=2))
+  # A plain Rngs(0) serves every stream.
+  y, _ = _layer(rngs=nnx.Rngs(0), **kw)(x)
+  assert np.all(np.isfinite(y))
+  # Eval mode draws nothing: any seeds give the same output.
+  np.testing.assert_array_equal(out(True, dropout=1, router=2),
+                                out(True, dropout=2, router=3))
   # Deterministic layers need only params.
   _layer(rngs=nnx.Rngs(params=0))(x)
   with pytest.raises(ValueError, match="dropout"):
@@ -235,7 +260,7 @@ def test_rng_streams():
 @pytest.mark.parametrize("activation", ["relu", "gated_gelu"])
 def test_single_expert_layer_equals_mlp_block(activation):
   x = _x()
-  mlp = moe.MlpBlock(M, H, activation=activation, rngs=nnx.Rngs(1))
+  mlp = experts_lib.MlpBlock(M, H, activation=activation, rngs=nnx.Rngs(1))
   layer = _layer(num_experts=1, activation=activation, train_capacity_factor=1.0)
   assert layer.capacity(8) == 8  # C = S: nothing dropped
   names = ("wi_0", "wi_1", "wo") if activation == "gated_gelu" else ("wi", "wo")
@@ -248,14 +273,14 @@ def test_single_expert_layer_equals_mlp_block(activation):
 
 def test_init_scales():
   init_scale = 0.1
-  experts = moe.Experts(4, 64, 256, init_scale=init_scale, rngs=nnx.Rngs(0))
+  experts = experts_lib.Experts(4, 64, 256, init_scale=init_scale, rngs=nnx.Rngs(0))
   for w, fan_in in ((experts.wi[...], 64), (experts.wo[...], 256)):
     std = math.sqrt(init_scale / fan_in)
     assert abs(float(jnp.std(w)) / std - 1) < 0.05
     # Truncated at 2 std of the underlying normal.
     assert float(jnp.abs(w).max()) <= 2 * std / 0.87962566 + 1e-6
   # The dense FFN has the same per-matrix std (no expert axis to skip).
-  mlp = moe.MlpBlock(64, 256, init_scale=init_scale, rngs=nnx.Rngs(0))
+  mlp = experts_lib.MlpBlock(64, 256, init_scale=init_scale, rngs=nnx.Rngs(0))
   for w, fan_in in ((mlp.wi[...], 64), (mlp.wo[...], 256)):
     assert abs(float(jnp.std(w)) / math.sqrt(init_scale / fan_in) - 1) < 0.05
   router = moe.Router(64, 256, init_std=0.02, rngs=nnx.Rngs(0))
@@ -267,8 +292,8 @@ def test_group_size_must_divide_tokens():
   with pytest.raises(ValueError, match=r"group_size=16.*B\*L=2\*12=24"):
     layer(_x(b=2, l=12))
   # group_size larger than B*L: one group of all tokens.
-  assert moe.group_tokens(_x(b=2, l=12), 1024).shape == (1, 24, M)
-  assert moe.group_tokens(_x(b=2, l=12), 6).shape == (4, 6, M)
+  assert dispatch_lib.group_tokens(_x(b=2, l=12), 1024).shape == (1, 24, M)
+  assert dispatch_lib.group_tokens(_x(b=2, l=12), 6).shape == (4, 6, M)
 
 
 def test_bad_arguments():

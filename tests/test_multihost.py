@@ -25,6 +25,8 @@ from switchjax import distributed
 from switchjax import train
 from switchjax import validate
 
+from conftest import experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # Switch-Base tiny shrunk to one sparse decoder-only layer (compile time).
@@ -40,12 +42,7 @@ OVERRIDES = {
 
 
 def _config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "exp", os.path.join(ROOT, "experiments", "switch_base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = experiment("switch_base")
   for key, value in OVERRIDES.items():
     section, name = key.split(".")
     c[section][name] = value

@@ -71,26 +71,8 @@ def test_cosine_schedule(step, expected):
   np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("train,match", [
-    (dict(schedule="linear"), "linear"),
-    (dict(schedule="rsqrt", warmup_steps=0), "warmup_steps"),
-    (dict(schedule="cosine", warmup_steps=100, num_steps=100), "num_steps"),
-    (dict(learning_rate=0.0), "learning_rate"),
-])
-def test_bad_schedule_raises(train, match):
-  with pytest.raises(ValueError, match=match):
-    optim.learning_rate_schedule(_config(**train))
-
-
-@pytest.mark.parametrize("train,match", [
-    (dict(optimizer="sgd"), "sgd.*adafactor"),
-    (dict(grad_clip=-1.0), "grad_clip"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(adafactor_momentum=1.0), "adafactor_momentum"),
-])
-def test_bad_optimizer_config_raises(train, match):
-  with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(_config(**train))
+# Bad schedules and optimizer settings are validate.prepare's to refuse:
+# tests/test_validate.py.
 
 
 # Adafactor -----------------------------------------------------------------

@@ -22,6 +22,8 @@ from switchjax import partitioning
 from switchjax import train
 from switchjax import validate
 
+from conftest import experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("gspmd", "shard_map")
 
@@ -38,12 +40,7 @@ def tiny_config(path="gspmd", data=1, expert=1, model=1):
   8 x 32 tokens in 8 groups of 32, 8 experts. Dropout and router jitter stay
   on: their draws must not depend on the mesh.
   """
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "exp", os.path.join(ROOT, "experiments", "switch_base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = experiment("switch_base")
   c.model.arch = "decoder_only"
   c.model.vocab_size = 128
   c.model.d_model, c.model.num_heads, c.model.head_dim = 32, 2, 16
@@ -202,12 +199,12 @@ def _moe_loss_and_grads(layer, x, cotangent, mesh=None):
 MOE_CASES = [
     # (path, (data, expert, model), group size, router, dispatch); 256 tokens.
     # (both paths on 2 x 4 are in the tiny model test below)
-    ("gspmd", (1, 8, 1), 32, "switch", "fast"),
+    ("gspmd", (1, 8, 1), 32, "switch", "gather"),
     ("shard_map", (1, 8, 1), 32, "gshard", "einsum"),
-    ("gspmd", (2, 2, 2), 32, "expert_choice", "fast"),
-    ("shard_map", (2, 2, 2), 32, "expert_choice", "fast"),
+    ("gspmd", (2, 2, 2), 32, "expert_choice", "gather"),
+    ("shard_map", (2, 2, 2), 32, "expert_choice", "gather"),
     # 2 groups on 8 devices: groups replicated over 'expert', summed combine.
-    ("shard_map", (2, 4, 1), 128, "gshard", "fast"),
+    ("shard_map", (2, 4, 1), 128, "gshard", "gather"),
 ]
 
 
@@ -243,11 +240,11 @@ def _train(config, steps=2, devices=None):
   trainer = train.make_trainer(config, devices)
   state = trainer.init_state()
   first = train._global_batch(trainer, batch(config))
-  compiled = trainer._jit_train.lower(state, trainer.rest, first).compile()
+  compiled = trainer._jit_train.lower(state, trainer.rng_state, first).compile()
   losses = []
   for i in range(steps):
     global_batch = train._global_batch(trainer, batch(config, seed=i))
-    state, metrics = compiled(state, trainer.rest, global_batch)
+    state, metrics = compiled(state, trainer.rng_state, global_batch)
     losses.append(float(metrics["loss"]))
   return trainer, state, losses, compiled.as_text()
 

@@ -17,6 +17,7 @@ import pytest
 from switchjax import config_base
 from switchjax import dropless
 from switchjax import model as model_lib
+from switchjax import experts as experts_lib
 from switchjax import moe
 
 M, H, E = 8, 16, 4
@@ -86,7 +87,7 @@ def test_expert_loop_equals_batched(activation, dropout, dtype):
   results = []
   for impl in ("batched", "loop"):
     # Same seed: same weights and the same dropout stream.
-    experts = moe.Experts(E, M, H, activation=activation, dropout=dropout,
+    experts = experts_lib.Experts(E, M, H, activation=activation, dropout=dropout,
                           impl=impl, dtype=dtype, rngs=nnx.Rngs(0))
     assert experts.uses_loop() == (impl == "loop")
     results.append(_grads(experts, x, cot))
@@ -96,15 +97,15 @@ def test_expert_loop_equals_batched(activation, dropout, dtype):
   else:  # bfloat16 roundings apart at most
     _assert_same(*map(_as_float32, results), rtol=2e-2, atol=2e-2)
   if dropout:  # the case really drops units: some hidden grads vanish
-    batched = moe.Experts(E, M, H, activation=activation, dropout=dropout,
+    batched = experts_lib.Experts(E, M, H, activation=activation, dropout=dropout,
                           impl="batched", rngs=nnx.Rngs(0))
-    plain = moe.Experts(E, M, H, activation=activation, impl="batched",
+    plain = experts_lib.Experts(E, M, H, activation=activation, impl="batched",
                         rngs=nnx.Rngs(0))
     assert not np.allclose(batched(x), plain(x))
 
 
 def test_expert_impl_auto_and_bad_value():
-  experts = moe.Experts(E, M, H, rngs=nnx.Rngs(0))
+  experts = experts_lib.Experts(E, M, H, rngs=nnx.Rngs(0))
   assert experts.impl == "auto"
   # On CPU without a mesh: the loop, which runs faster there.
   assert experts.uses_loop() == (jax.default_backend() == "cpu")
@@ -118,7 +119,7 @@ def test_expert_impl_auto_and_bad_value():
   with jax.sharding.use_abstract_mesh(data_only.abstract_mesh):
     assert experts.uses_loop() == (jax.default_backend() == "cpu")
   with pytest.raises(ValueError, match="expert impl"):
-    moe.Experts(E, M, H, impl="unrolled", rngs=nnx.Rngs(0))
+    experts_lib.Experts(E, M, H, impl="unrolled", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("router", ["switch", "expert_choice"])
@@ -127,7 +128,7 @@ def test_fast_loop_layer_equals_einsum_batched_reference(router):
   kw = dict(router=router, train_capacity_factor=0.5)
   x = _x()
   cot = jax.random.normal(jax.random.key(1), x.shape)
-  fast = _grads(_layer(dispatch="fast", expert_impl="loop", **kw), x, cot)
+  fast = _grads(_layer(dispatch="gather", expert_impl="loop", **kw), x, cot)
   ref = _grads(_layer(dispatch="einsum", expert_impl="batched", **kw), x, cot)
   assert float(fast[1].metrics.dropped_fraction) > 0
   _assert_same(fast, ref)
@@ -160,7 +161,7 @@ def test_dropless_keeps_what_capacity_drops():
   """cf 0.5 drops tokens on the fast path; dropless equals a per-token reference."""
   x = _x()
   layer = _layer(dispatch="dropless", train_capacity_factor=0.5)
-  capped = _layer(dispatch="fast", train_capacity_factor=0.5)
+  capped = _layer(dispatch="gather", train_capacity_factor=0.5)
   y, aux = nnx.jit(lambda layer, x: layer(x))(layer, x)
   capped_aux = nnx.jit(lambda layer, x: layer(x))(capped, x)[1]
   assert float(capped_aux.metrics.dropped_fraction) > 0
@@ -214,7 +215,7 @@ def test_remat_of_the_layer_equals_plain():
 
 # --- bfloat16: nothing big in float32 outside the router ----------------------
 
-@pytest.mark.parametrize("dispatch", ["fast", "dropless"])
+@pytest.mark.parametrize("dispatch", ["gather", "dropless"])
 def test_bfloat16_layer_has_no_float32_token_tensors_beyond_the_router(dispatch):
   layer = _layer(dispatch=dispatch, dtype=jnp.bfloat16,
                  train_capacity_factor=2.0)
@@ -263,8 +264,8 @@ def _temp_bytes(dispatch: str, group_size: int, tokens: int) -> int:
 def test_fast_path_memory_does_not_grow_with_s_times_e_times_c():
   tokens, m = 1024, 32
   small, large = 64, 1024
-  fast = (_temp_bytes("fast", large, tokens)
-          - _temp_bytes("fast", small, tokens))
+  fast = (_temp_bytes("gather", large, tokens)
+          - _temp_bytes("gather", small, tokens))
   einsum = (_temp_bytes("einsum", large, tokens)
             - _temp_bytes("einsum", small, tokens))
   # The one-hot [G, S, E, C] tensors hold tokens * S * cf entries in all:
@@ -277,33 +278,38 @@ def test_fast_path_memory_does_not_grow_with_s_times_e_times_c():
 
 # --- param_counts -------------------------------------------------------------
 
-def _whole_model_counts(config):
-  """Reference: count on the whole abstract model (slow for big configs)."""
+def _whole_model_total(config):
+  """Reference: the total on the whole abstract model (slow for big configs)."""
   model = nnx.eval_shape(lambda: model_lib.build_model(config, rngs=nnx.Rngs(0)))
-
-  def size(node):
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(node, nnx.Param)))
-
-  total = size(model)
-  active = float(total)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, moe.MoeLayer):
-      k = (node.train_capacity_factor if node.router_name == "expert_choice"
-           else node.num_selected)
-      active += size(node.experts) * (k / node.num_experts - 1.0)
-  return total, int(round(active))
+  return sum(math.prod(p.shape)
+             for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("arch,overrides", [
-    ("encoder_decoder", dict(encoder_router="expert_choice", sparse_every=3)),
-    ("encoder_decoder", dict(router="topk", num_selected=3, sparse_every=1)),
-    ("decoder_only", dict(router="gshard", sparse_every=2)),
-    ("encoder_decoder", dict(num_experts=0)),
+# Active = total minus, in each MoE layer, the (E - K) experts a token does
+# not use. One expert here: gated GELU wi_0, wi_1 [M, H] and wo [H, M] with
+# M = 32, H = 48 (no biases), of E = 6.
+PER_EXPERT = 3 * 32 * 48
+
+
+@pytest.mark.parametrize("arch,overrides,inactive", [
+    # sparse_every 3: layer 2 of the 5 encoder and of the 4 decoder layers.
+    # Encoder expert choice: cf = 1.5 experts per token; decoder switch: 1.
+    ("encoder_decoder", dict(encoder_router="expert_choice", sparse_every=3),
+     (6 - 1.5) * PER_EXPERT + (6 - 1) * PER_EXPERT),
+    # Every layer sparse: 5 + 4 layers of top-3.
+    ("encoder_decoder", dict(router="topk", num_selected=3, sparse_every=1),
+     9 * (6 - 3) * PER_EXPERT),
+    # Decoder layers 1 and 3 of 4, GShard's top-2.
+    ("decoder_only", dict(router="gshard", sparse_every=2),
+     2 * (6 - 2) * PER_EXPERT),
+    ("encoder_decoder", dict(num_experts=0), 0),
 ])
-def test_param_counts_per_layer_equals_whole_model(arch, overrides):
+def test_param_counts_per_layer_equals_whole_model(arch, overrides, inactive):
   c = config_base.base_config()
   c.model.update(arch=arch, vocab_size=512, d_model=32, num_heads=2,
                  head_dim=8, d_ff=48, num_encoder_layers=5,
                  num_decoder_layers=4, tie_embeddings=arch == "decoder_only")
   c.moe.update(dict(dict(num_experts=6, train_capacity_factor=1.5), **overrides))
-  assert model_lib.param_counts(c) == _whole_model_counts(c)
+  total, active = model_lib.param_counts(c)
+  assert total == _whole_model_total(c)
+  assert active == total - inactive

@@ -17,6 +17,8 @@ from switchjax import results
 from switchjax import sweep
 from switchjax import validate
 
+from conftest import script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = sorted(glob.glob(os.path.join(ROOT, "experiments", "ablations", "*.py")))
 
@@ -253,9 +255,12 @@ def test_finished_cell_of_an_older_schema_counts_other_config_refused(
   shutil.copytree(source, workdir)
   path = os.path.join(workdir, "dense", "config.json")
   saved = json.load(open(path))
-  # Made before the schema had moe.router_dtype: still this experiment.
+  # Made before the schema had moe.router_dtype, and before dispatch 'fast'
+  # was renamed 'gather': still this experiment.
   older = json.loads(json.dumps(saved))
   del older["moe"]["router_dtype"]
+  assert older["moe"]["dispatch"] == "gather"
+  older["moe"]["dispatch"] = "fast"
   json.dump(older, open(path, "w"))
   monkeypatch.setattr(sweep, "_train", _must_not_train)
   assert [r["status"] for r in sweep.run(micro_grid(), workdir)] == [
@@ -378,12 +383,7 @@ def test_cli_bad_key_exits_with_one_line(tmp_path):
 
 
 def _reproduce_module():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return script("reproduce")
 
 
 def _cf_rows(switch, dense, seed_gap=0.02):

@@ -8,20 +8,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from switchjax import config_base
 from switchjax import train
 from switchjax import validate
+
+from conftest import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
 def load(path, preset="tiny"):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("exp", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return experiment(path, preset)
 
 
 def short(config, steps=3):
@@ -90,9 +87,9 @@ def test_checkpoint_restores_the_saved_state(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ({"moe.train_capacity_factor": 0.0}, "train_capacity_factor"),
     ({"moe.num_selected": 9, "moe.router": "topk"}, "num_selected"),
-    ({"moe.decoder_router": "expert_choice"}, "leaks future"),
+    ({"moe.decoder_router": "expert_choice"}, "future tokens leak"),
     ({"moe.group_size": 300}, "group_size"),
-    ({"moe.router": "top1"}, "unknown router"),
+    ({"moe.router": "top1"}, "moe.router must be one of"),
     ({"mesh.data": 3}, "devices"),
     ({"mesh.data": 1, "mesh.expert": 8, "moe.num_experts": 4}, "divisible"),
     ({"train.batch_size": 4}, "batch shards"),
