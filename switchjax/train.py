@@ -135,6 +135,7 @@ def _eval_step(params, rng_state, batch, *, config, graphdef):
   _, ce = cross_entropy(logits, batch["decoder_target_tokens"],
                         batch["decoder_loss_weights"])
   return {"loss": ce["nll"], "accuracy": ce["accuracy"],
+          "tokens": jnp.sum(batch["decoder_loss_weights"]),
           **_router_metrics(aux, per_layer=True)}
 
 
@@ -249,12 +250,21 @@ def _global_batch(trainer: Trainer, local: dict[str, np.ndarray]):
 
 
 def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per-batch eval metrics -> their means weighted by each batch's target
+  tokens (a padded batch counts by its real tokens), and the token total."""
   rows = jax.device_get(rows)
-  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *rows)
+  tokens = np.array([r["tokens"] for r in rows], np.float64)
+  weights = tokens / tokens.sum()
+  mean = jax.tree.map(
+      lambda *xs: np.tensordot(weights, np.stack(xs), axes=1).astype(
+          np.asarray(xs[0]).dtype), *rows)
+  mean["tokens"] = float(tokens.sum())
+  return mean
 
 
 def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
-  """Mean metrics over train.eval_steps validation batches (a fresh pass)."""
+  """Token-weighted mean metrics over train.eval_steps validation batches
+  (a fresh pass: the same batches every time, and for every seed)."""
   it = data_lib.make_iterator(
       config, "validation",
       batch_size=config.train.batch_size // jax.process_count(),

@@ -336,3 +336,21 @@ def test_unigram_entropy(data_dir):
   expected = sum(k / n * math.log(n / k) for k in counts.values())
   assert data.unigram_entropy(c) == pytest.approx(expected, rel=1e-9)
   assert 4.0 < expected < math.log(vocab.sp_vocab_size)
+
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_eval_set_is_the_same_for_every_seed(data_dir, arch):
+  """Seeds of one experiment are scored on the same targets (train noise differs)."""
+  c0, c1 = make_config(data_dir, arch), make_config(data_dir, arch)
+  c1.seed = 1
+  assert_batches_equal(take(data.make_iterator(c0, "validation", batch_size=8), 3),
+                       take(data.make_iterator(c1, "validation", batch_size=8), 3))
+  if arch == "encoder_decoder":  # the training noise still follows the seed
+    t0 = next(data.make_iterator(c0, "train", batch_size=8))
+    t1 = next(data.make_iterator(c1, "train", batch_size=8))
+    assert not np.array_equal(t0["encoder_input_tokens"], t1["encoder_input_tokens"])
+    c1.data.shuffle_seed = 1  # the eval noise follows the data's seed
+    v0 = next(data.make_iterator(c0, "validation", batch_size=8))
+    v1 = next(data.make_iterator(c1, "validation", batch_size=8))
+    assert not np.array_equal(v0["encoder_input_tokens"], v1["encoder_input_tokens"])

@@ -115,3 +115,17 @@ def test_cross_entropy_against_hand_values():
   loss_z, _ = train.cross_entropy(logits, targets, weights, z_loss=1e-2)
   np.testing.assert_allclose(loss_z - loss, 1e-2 * np.log(4.0) ** 2,
                              rtol=1e-5)
+
+
+def test_eval_means_are_weighted_by_target_tokens():
+  rows = [{"loss": np.float32(1.0), "tokens": np.float32(1.0),
+           "layers": {"l": {"expert_load": np.array([1.0, 0.0], np.float32)}}},
+          {"loss": np.float32(3.0), "tokens": np.float32(3.0),
+           "layers": {"l": {"expert_load": np.array([0.0, 1.0], np.float32)}}},
+          {"loss": np.float32(9.0), "tokens": np.float32(0.0),  # a zero batch
+           "layers": {"l": {"expert_load": np.array([0.5, 0.5], np.float32)}}}]
+  mean = train._mean_metrics(rows)
+  assert mean["loss"] == pytest.approx((1 * 1 + 3 * 3) / 4)
+  assert mean["tokens"] == 4.0
+  np.testing.assert_allclose(mean["layers"]["l"]["expert_load"], [0.25, 0.75])
+

@@ -136,8 +136,15 @@ def make_dataset(config, split: str, *, batch_size: int, process_index: int = 0,
             inputs_length=d.inputs_length, targets_length=d.targets_length,
             noise_density=d.noise_density,
             mean_noise_span_length=d.mean_noise_span_length),
-        seed=_seed(config.seed, process_index, _SPLIT_CODES.get(split, 2)))
+        seed=_noise_seed(config, split, process_index))
   return ds.batch(batch_size, drop_remainder=True)
+
+
+def _noise_seed(config, split: str, process_index: int) -> int:
+  """Span-corruption noise: config.seed in training; for evaluation the data's
+  own seed, so every seed of an experiment is scored on the same targets."""
+  seed = config.seed if split == "train" else config.data.shuffle_seed
+  return _seed(seed, process_index, _SPLIT_CODES.get(split, 2))
 
 
 def make_iterator(config, split: str, *, batch_size: int, process_index: int = 0,
@@ -146,8 +153,9 @@ def make_iterator(config, split: str, *, batch_size: int, process_index: int = 0
 
   `split` 'train' shuffles documents (data.shuffle_seed) and reshuffles every
   epoch; other splits ('validation') read in order, so each new iterator
-  yields the same batches. Span-corruption noise is seeded by config.seed and
-  the example's position in the stream. The iterator has
+  yields the same batches. Span-corruption noise is seeded by the example's
+  position in the stream and config.seed (train) or data.shuffle_seed
+  (other splits: the same eval targets for every seed). The iterator has
   `get_state()`/`set_state(state)` for checkpointing.
   """
   return iter(make_dataset(config, split, batch_size=batch_size,
