@@ -25,7 +25,8 @@ EXPERT_IMPLS = ("auto", "batched", "loop")
 BATCHED_SPECS = ("EGCM,EMH->EGCH", "EGCH,EHM->EGCM")
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  """One wording of an unknown choice among a module's own arguments."""
   if value not in allowed:
     raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
 
@@ -60,8 +61,8 @@ class Experts(nnx.Module):
                init_scale: float = 0.1, dtype: Any = jnp.float32,
                impl: str = "auto", deterministic: bool = False,
                rngs: nnx.Rngs):
-    _check_choice("activation", activation, ffn.ACTIVATIONS)
-    _check_choice("expert impl", impl, EXPERT_IMPLS)
+    check_choice("activation", activation, ffn.ACTIVATIONS)
+    check_choice("expert impl", impl, EXPERT_IMPLS)
     ffn.make_params(self, (num_experts, d_model, d_ff),
                     (num_experts, d_ff, d_model), activation, init_scale, rngs,
                     ("expert", "embed", "expert_mlp"),
@@ -125,7 +126,7 @@ class MlpBlock(nnx.Module):
                dropout: float = 0.0, init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
-    _check_choice("activation", activation, ffn.ACTIVATIONS)
+    check_choice("activation", activation, ffn.ACTIVATIONS)
     ffn.make_params(self, (d_model, d_ff), (d_ff, d_model), activation,
                     init_scale, rngs, ("embed", "mlp"), ("mlp", "embed"))
     self.activation = activation

@@ -47,11 +47,6 @@ class MoeOutput:
   metrics: routing_lib.RouterMetrics
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
-
-
 class Router(nnx.Module):
   """Linear router M -> E without bias, in float32 whatever the model dtype.
 
@@ -160,10 +155,10 @@ class MoeLayer(nnx.Module):
                dtype: Any = jnp.float32, deterministic: bool = False,
                rngs: nnx.Rngs):
     dispatch = dispatch_lib.canonical(dispatch)
-    _check_choice("router", router, routing_lib.ROUTERS)
-    _check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
-    _check_choice("expert_parallel", expert_parallel, expert_parallel_lib.PATHS)
-    _check_choice("second_expert_policy", second_expert_policy,
+    experts_lib.check_choice("router", router, routing_lib.ROUTERS)
+    experts_lib.check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
+    experts_lib.check_choice("expert_parallel", expert_parallel, expert_parallel_lib.PATHS)
+    experts_lib.check_choice("second_expert_policy", second_expert_policy,
                   routing_lib.SECOND_EXPERT_POLICIES)
     k = routing_lib.experts_per_token(router, num_selected)
     if not 1 <= k <= num_experts:
