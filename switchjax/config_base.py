@@ -86,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.name = "bundled"  # the bundled corpus, or a tfds name such as "c4/en:3.1.0"
   d.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
-  d.vocab_path = ""  # "" = the bundled SentencePiece model; T5: .../cc_all.32000/sentencepiece.model
+  # "" = the bundled SentencePiece model (8000 pieces); a bare file name in
+  # switchjax/data/vocab/ ("sentencepiece_2k.model") = that bundled model;
+  # else a path, e.g. T5's .../cc_all.32000/sentencepiece.model.
+  d.vocab_path = ""
   d.inputs_length = 512  # encoder length (span corruption inputs)
   d.targets_length = 114  # decoder length; 114 targets for 512 inputs at 15% noise
   d.noise_density = 0.15
@@ -112,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.logits_z_loss = 1e-4  # T5's output-logit z-loss (not the router's)
   t.log_every = 100
   t.eval_every = 1000
-  t.eval_steps = 20
+  t.eval_steps = 20  # batches per eval; 0 = the whole validation split
   t.checkpoint_every = 1000
   t.max_to_keep = 3
   t.nan_policy = "stop"  # "stop" | "skip"

@@ -13,7 +13,8 @@ in training at a step boundary (saved) and the sweep with it.
 
 Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
-DIR/final_vs_<axis>.png, DIR/expert_load.png and DIR/grid.json.
+DIR/final_vs_<axis>.png, DIR/expert_load.png, DIR/grid.json and
+DIR/timing.jsonl (seconds each cell trained).
 
   python -m switchjax.sweep --config ... --workdir DIR --print_commands
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from absl import app
@@ -49,6 +51,7 @@ flags.DEFINE_bool("report_only", False,
                   "cells' workdirs hold.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+TIMING_FILE = "timing.jsonl"  # one line per trained (or resumed) cell
 
 
 def _x_axis_index(grid: ml_collections.ConfigDict) -> int | None:
@@ -137,6 +140,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
       continue
     resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
     log(f"{where}: {'resuming' if resuming else 'training'} in {cell_dir}")
+    start = time.perf_counter()
     try:
       summary = _train(config, cell_dir) or {}
     except FloatingPointError as e:
@@ -145,6 +149,7 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
                             train_rows[-1]["step"] if train_rows else None)
       log(f"{where}: diverged: {e}")
       summary = {}
+    _log_time(workdir, cell.name, time.perf_counter() - start, resuming)
     jax.clear_caches()  # compiled steps of this cell are not needed again
     if summary.get("preempted"):
       # The run saved its step and returned: stop the sweep too, so that
@@ -153,6 +158,13 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
           "here, run the same command again to resume")
       break
   return report(grid, workdir, cells)
+
+
+def _log_time(workdir: str, cell: str, seconds: float, resumed: bool) -> None:
+  """Appends a cell's training time to DIR/timing.jsonl (resumes add lines)."""
+  with open(os.path.join(workdir, TIMING_FILE), "a") as f:
+    f.write(json.dumps({"cell": cell, "seconds": round(seconds, 1),
+                        "resumed": resumed}) + "\n")
 
 
 def report(grid: ml_collections.ConfigDict, workdir: str,

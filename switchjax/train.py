@@ -262,15 +262,29 @@ def _mean_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
   return mean
 
 
+def eval_batches(config) -> int:
+  """train.eval_steps, or for 0 the batches of one whole validation pass."""
+  if config.train.eval_steps:
+    return config.train.eval_steps
+  n = data_lib.num_batches(
+      config, "validation",
+      batch_size=config.train.batch_size // jax.process_count(),
+      process_count=jax.process_count())
+  if n < 1:
+    raise ValueError("train.eval_steps=0: the validation split holds less "
+                     "than one batch per process")
+  return n
+
+
 def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
-  """Token-weighted mean metrics over train.eval_steps validation batches
+  """Token-weighted mean metrics over `eval_batches` validation batches
   (a fresh pass: the same batches every time, and for every seed)."""
   it = data_lib.make_iterator(
       config, "validation",
       batch_size=config.train.batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count())
   rows = [trainer.eval_step(params, _global_batch(trainer, next(it)))
-          for _ in range(config.train.eval_steps)]
+          for _ in range(eval_batches(config))]
   return _mean_metrics(rows)
 
 

@@ -17,7 +17,6 @@ from switchjax import results
 from switchjax import sweep
 from switchjax import validate
 
-from conftest import script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = sorted(glob.glob(os.path.join(ROOT, "experiments", "ablations", "*.py")))
@@ -376,74 +375,3 @@ def test_cli_bad_key_exits_with_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: grid 'micro' cell 'expertz=1': unknown config key 'moe.expertz'")
   assert not os.path.exists(tmp_path / "w")
-
-
-# ---------------------------------------------------------------------------
-# scripts/reproduce.py's verdicts.
-
-
-def _reproduce_module():
-  return script("reproduce")
-
-
-def _cf_rows(switch, dense, seed_gap=0.02):
-  rows = {"dense": dense, "dense_seed1": dense + seed_gap,
-          "top1_cf1.25_seed1": switch}
-  for k, base in (("top1", switch), ("top2", switch - 0.1)):
-    for c in ("1.0", "1.25", "2.0"):
-      rows[f"{k}_cf{c}"] = base
-  return {cell: {"cell": cell, "eval_loss": loss, "status": "done",
-                 "dropped_pct": 5.0, "tokens_per_sec": 1000.0}
-          for cell, loss in rows.items()}
-
-
-@pytest.mark.parametrize("switch,dense,expected", [
-    (5.0, 5.3, "agrees"),
-    (5.3, 5.0, "disagrees"),
-    (5.0, 5.01, "inconclusive (within seed noise); Switch lower in both seeds"),
-    (5.0, 4.995, "inconclusive (within seed noise)"),  # lower in one seed
-])
-def test_reproduce_finding_a_against_seed_noise(switch, dense, expected):
-  rep = _reproduce_module()
-  grids = {"capacity_factor": _cf_rows(switch, dense), "num_experts": {}}
-  noise = rep.seed_noise(grids["capacity_factor"])
-  assert noise == pytest.approx(0.02)  # |dense - dense_seed1|
-  _, verdict = rep.finding_a(grids, noise)
-  assert verdict == expected
-
-
-def test_reproduce_report_marks_missing_grids_pending(tmp_path):
-  rep = _reproduce_module()
-  cf = _cf_rows(5.0, 5.3)
-  del cf["top2_cf2.0"]
-  out = tmp_path / "results.md"
-  (tmp_path / "results" / "capacity_factor").mkdir(parents=True)
-  (tmp_path / "results" / "capacity_factor" / "results.md").write_text(
-      "# title\n\n| cell |\n")
-  rep.write_report(str(out), {"capacity_factor": cf}, {}, "cmd",
-                   str(tmp_path / "results"))
-  findings = [l for l in out.read_text().splitlines() if l.startswith("| (")]
-  assert [l[:5] for l in findings] == [f"| ({k})" for k in "abcdefg"]
-  verdicts = [l.rsplit("|", 2)[1].strip() for l in findings]
-  assert verdicts[0] == "agrees"
-  assert verdicts[1] == "pending"  # num_experts grid missing
-  assert verdicts[2] == verdicts[3] == "pending"  # top2_cf2.0 unfinished
-  assert "cells top2_cf2.0 not finished" in findings[2]
-  assert all(v == "pending" for v in verdicts[4:])
-  assert "## Grid `capacity_factor`" in out.read_text()
-
-
-def test_reproduce_collect_keeps_checked_in_grids(tmp_path):
-  """A grid rerun alone is copied in; the others keep their checked-in copy."""
-  rep = _reproduce_module()
-  checked_in = os.path.join(ROOT, "docs", "results")
-  workdir, out_dir = tmp_path / "runs", tmp_path / "results"
-  shutil.copytree(os.path.join(checked_in, "stability"), workdir / "stability")
-  shutil.copytree(os.path.join(checked_in, "routers"), out_dir / "routers")
-  rows, curves = rep.collect(["routers", "stability", "num_experts"],
-                             str(workdir), str(out_dir))
-  assert sorted(rows) == ["routers", "stability"]  # num_experts: nowhere
-  assert (out_dir / "stability" / "results.csv").read_bytes() == (
-      workdir / "stability" / "results.csv").read_bytes()
-  assert rows["routers"]["switch"]["status"] == "done"
-  assert len(rows["stability"]) == 8 and curves["stability"]

@@ -11,8 +11,9 @@ span corruption and packing, checkpointable grain iterators.
 from switchjax.data.entropy import unigram_entropy
 from switchjax.data.pipeline import make_dataset
 from switchjax.data.pipeline import make_iterator
+from switchjax.data.pipeline import num_batches
 from switchjax.data.vocab import get_vocabulary
 from switchjax.data.vocab import Vocabulary
 
 __all__ = ["Vocabulary", "get_vocabulary", "make_dataset", "make_iterator",
-           "unigram_entropy"]
+           "num_batches", "unigram_entropy"]

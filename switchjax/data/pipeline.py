@@ -140,6 +140,33 @@ def make_dataset(config, split: str, *, batch_size: int, process_index: int = 0,
   return ds.batch(batch_size, drop_remainder=True)
 
 
+def num_batches(config, split: str, *, batch_size: int,
+                process_count: int = 1) -> int:
+  """Batches in one pass over `split`: what every process can read before
+  its slice of documents wraps around (the smallest slice decides).
+
+  Packing concatenates documents exactly, so the first
+  tokens // chunk_length examples of a process come from one pass.
+  """
+  d = config.data
+  return _num_batches(d.name, d.data_dir or None,
+                      vocab_lib.resolve_path(d.vocab_path),
+                      config.model.arch == "decoder_only",
+                      _chunk_length(config), split, batch_size, process_count)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_batches(name, data_dir, vocab_path, append_eos, chunk_length, split,
+                 batch_size, process_count) -> int:
+  vocab = vocab_lib.Vocabulary(vocab_path)
+  source = tfds_corpus.data_source(name, split, data_dir)
+  lengths = np.array([vocab.encode_np(source[i]["text"],
+                                      append_eos=append_eos).size
+                      for i in range(len(source))])
+  return min(int(lengths[p::process_count].sum()) // chunk_length // batch_size
+             for p in range(process_count))
+
+
 def _noise_seed(config, split: str, process_index: int) -> int:
   """Span-corruption noise: config.seed in training; for evaluation the data's
   own seed, so every seed of an experiment is scored on the same targets."""

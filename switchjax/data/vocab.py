@@ -88,7 +88,17 @@ def _load(path: str) -> Vocabulary:
   return Vocabulary(path)
 
 
+def resolve_path(vocab_path: str) -> str:
+  """"" = the bundled model; a bare file name in switchjax/data/vocab/ (e.g.
+  "sentencepiece_2k.model") = that bundled model; anything else a path."""
+  if not vocab_path:
+    return BUNDLED_VOCAB_PATH
+  bundled = os.path.join(os.path.dirname(BUNDLED_VOCAB_PATH), vocab_path)
+  if os.sep not in vocab_path and os.path.exists(bundled):
+    return bundled
+  return os.path.abspath(os.path.expanduser(vocab_path))
+
+
 def get_vocabulary(config) -> Vocabulary:
-  """The vocabulary of `config.data.vocab_path` ("" = the bundled one)."""
-  path = config.data.vocab_path or BUNDLED_VOCAB_PATH
-  return _load(os.path.abspath(os.path.expanduser(path)))
+  """The vocabulary of `config.data.vocab_path` (see resolve_path)."""
+  return _load(resolve_path(config.data.vocab_path))

@@ -1,0 +1,344 @@
+"""The reproduction's seven findings: which cells each trains, how it is judged.
+
+Every cell is `experiments/repro/protocol.py:switch` plus the overrides in CELLS,
+trained once per seed in DIR/<cell>_s<seed> (`run_name`). Seed i of every
+cell reads the same data in the same order (data.shuffle_seed is fixed) and
+is scored on the same validation tokens, so a finding's unit of evidence is
+the per-seed difference between two cells; `switchjax.stats` turns those
+into a mean, a 95 % t interval and a verdict (the rule is stated there).
+
+Each `analyse_*` takes {(cell, seed): Run} and returns the finding's record
+for findings.json (see `record`); they are pure, so tests feed them
+hand-made runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from switchjax import stats
+
+EXPERIMENT = "experiments/repro/protocol.py"
+PRESET = "switch"
+
+# The encoder-decoder cells of finding (e): experiments/repro/protocol.py:encdec.
+ENCDEC = {"model.arch": "encoder_decoder", "model.num_encoder_layers": 2,
+          "model.num_decoder_layers": 2, "data.inputs_length": 128,
+          "data.targets_length": 32, "moe.group_size": 512}
+TOP2 = {"moe.router": "gshard", "moe.num_selected": 2}
+BF16 = {"model.dtype": "bfloat16"}
+EXPERT_COUNTS = (2, 4, 8, 16, 32)
+FIRST_COUNTS = (2, 8, 32)  # (b) trains these for every seed before 4 and 16
+CAPACITY_FACTORS = (1.0, 1.25, 2.0)
+STRESS_LRS = (1e-2, 3e-2)  # (f), (g): 3x and 10x the protocol's rate
+STRESS_FRACTION = 5  # stress runs train a fifth of the protocol's steps
+
+
+def _stress(router_dtype: str, init: float, lr: float) -> dict[str, Any]:
+  return {**BF16, "moe.router_dtype": router_dtype, "model.init_scale": init,
+          "train.learning_rate": lr}
+
+
+def stress_cell(router_dtype: str, init: float, lr: float) -> str:
+  return f"bf16_router{router_dtype[-2:]}_init{init}_lr{lr:g}"
+
+
+CELLS: dict[str, dict[str, Any]] = {
+    "dense": {"moe.num_experts": 0},
+    "switch": {},
+    # The dense model trained on twice the tokens (its own cosine schedule):
+    # the speedup reads where the dense loss-vs-tokens line meets Switch's.
+    "dense_2x": {"moe.num_experts": 0},  # 2x steps: `cell_overrides`
+    **{f"e{n}": {"moe.num_experts": n} for n in EXPERT_COUNTS if n != 8},
+    **{f"cf{f}": {"moe.train_capacity_factor": f}
+       for f in CAPACITY_FACTORS if f != 2.0},
+    "top2": TOP2,
+    "ed_top2": {**ENCDEC, **TOP2},
+    "ed_ec": {**ENCDEC, **TOP2, "moe.encoder_router": "expert_choice"},
+    **{stress_cell(dt, init, lr): _stress(dt, init, lr)
+       for lr in STRESS_LRS for dt, init in (("float32", 0.1), ("bfloat16", 0.1),
+                                             ("float32", 1.0))},
+}
+
+
+def cell_overrides(cell: str, steps: int) -> dict[str, Any]:
+  """A cell's overrides for a protocol of `steps` training steps."""
+  out = dict(CELLS[cell])
+  if cell == "dense_2x":
+    out["train.num_steps"] = 2 * steps
+  elif cell.startswith("bf16_"):
+    n = max(2, steps // STRESS_FRACTION)
+    out.update({"train.num_steps": n, "train.warmup_steps": n // 10,
+                "train.eval_every": n, "train.checkpoint_every": n})
+  return out
+
+
+def expert_cell(n: int) -> str:
+  return {0: "dense", 1: "dense", 8: "switch"}.get(n, f"e{n}")
+
+
+def cf_cell(f: float) -> str:
+  return "switch" if f == 2.0 else f"cf{f}"
+
+
+def run_name(cell: str, seed: int) -> str:
+  return f"{cell}_s{seed}"
+
+
+@dataclasses.dataclass
+class Run:
+  """What a finding reads of one finished (or diverged) run."""
+  eval_loss: float  # last eval; nan if it diverged
+  curve: Sequence[tuple[float, float]] = ()  # (tokens seen, eval loss)
+  dropped_pct: float = 0.0  # mean train dropped fraction over the run, %
+  eval_dropped_pct: float = 0.0  # at the last eval, %
+  tokens_per_sec: float = math.nan
+  diverged: bool = False
+  max_grad_norm: float = math.nan
+  router_z_loss: float = math.nan  # last train log: mean logsumexp^2 of router logits
+
+
+Runs = Mapping[tuple[str, int], Run]
+
+
+class Missing(Exception):
+  """A finding's runs have not finished."""
+
+
+def _get(runs: Runs, cell: str, seeds: Sequence[int]) -> list[Run]:
+  missing = [run_name(cell, s) for s in seeds if (cell, s) not in runs]
+  if missing:
+    raise Missing(", ".join(missing))
+  return [runs[(cell, s)] for s in seeds]
+
+
+def _losses(runs: Runs, cell: str, seeds: Sequence[int]) -> list[float]:
+  return [r.eval_loss for r in _get(runs, cell, seeds)]
+
+
+def record(finding: str, cells: Sequence[str], seeds: Sequence[int],
+           values: Mapping[str, Sequence[float]], diffs: Sequence[float],
+           paper_sign: int, what: str, **extra) -> dict[str, Any]:
+  """One finding's findings.json entry: per-seed values, the paired mean
+  difference, its 95 % interval and the verdict."""
+  interval = stats.t_interval(diffs)
+  return {"id": finding, "cells": list(cells), "seeds": list(seeds),
+          "values": {k: [float(v) for v in vs] for k, vs in values.items()},
+          "difference": what, "per_seed_difference": [float(d) for d in diffs],
+          "mean_difference": interval.mean,
+          "interval_95": [interval.low, interval.high],
+          "paper_sign": paper_sign,
+          "verdict": stats.verdict(interval, paper_sign), **extra}
+
+
+def _pair(finding: str, runs: Runs, seeds: Sequence[int], a: str, b: str,
+          what: str, **extra) -> dict[str, Any]:
+  """Cell a against cell b, seed by seed: eval loss of a - b (paper: < 0)."""
+  la, lb = _losses(runs, a, seeds), _losses(runs, b, seeds)
+  return record(finding, [a, b], seeds, {a: la, b: lb},
+                [x - y for x, y in zip(la, lb)], -1, what, **extra)
+
+
+def _speedup(dense: Run, dense_2x: Run, target: Run, tokens: float
+             ) -> tuple[float, str]:
+  """(dense tokens to reach `target`'s final loss / `tokens`, its bound).
+
+  From the dense model's final losses at 1x and 2x the tokens (each run
+  annealed to its own end), interpolated in log tokens: "exact". When
+  dense at 2x does not get there the ratio is 2, a "lower" bound; when
+  Switch is no better than dense at 1x it is 1, an "upper" bound.
+  """
+  if target.eval_loss >= dense.eval_loss:
+    return 1.0, "upper"
+  ratio, exact = stats.speedup([tokens, 2 * tokens],
+                               [dense.eval_loss, dense_2x.eval_loss],
+                               target.eval_loss, tokens)
+  return ratio, "exact" if exact else "lower"
+
+
+def analyse_a(runs: Runs, seeds: Sequence[int], tokens: float,
+              step_ms: Optional[Mapping[str, float]] = None) -> dict:
+  """Switch vs FLOP-matched dense at equal tokens; speedup in tokens and in
+  time (step times from the benchmark when given, else the runs' own
+  throughput, which a shared machine makes noisy)."""
+  out = _pair("a", runs, seeds, "switch", "dense", "eval loss, Switch - dense")
+  dense, switch = _get(runs, "dense", seeds), _get(runs, "switch", seeds)
+  # Where Switch is no better than dense at 1x the ratio is known (<= 1)
+  # without the 2x runs.
+  no_gain = all(s.eval_loss >= d.eval_loss for s, d in zip(switch, dense))
+  if no_gain or all((("dense_2x", s) in runs) for s in seeds):
+    long = [runs.get(("dense_2x", s), Run(math.nan)) for s in seeds]
+    ups = [_speedup(d, l, s, tokens) for d, l, s in zip(dense, long, switch)]
+    ratios = [u for u, _ in ups]
+    if step_ms and "dense" in step_ms and "switch" in step_ms:
+      speed = [step_ms["dense"] / step_ms["switch"]] * len(seeds)
+    else:
+      speed = [s.tokens_per_sec / d.tokens_per_sec
+               for s, d in zip(switch, dense)]
+    time_ratios = [u * v for u, v in zip(ratios, speed)]
+    tokens_iv, time_iv = stats.t_interval(ratios), stats.t_interval(time_ratios)
+    out["speedup"] = {
+        "tokens": ratios, "bound": [b for _, b in ups],
+        "tokens_mean": tokens_iv.mean,
+        "tokens_interval_95": [tokens_iv.low, tokens_iv.high],
+        "wall_clock": time_ratios, "wall_clock_mean": time_iv.mean,
+        "wall_clock_interval_95": [time_iv.low, time_iv.high],
+        "dense_2x": [r.eval_loss for r in long]}  # nan: not run
+  return out
+
+
+def slope_per_doubling(counts: Sequence[int], losses: Sequence[float]) -> float:
+  """Least-squares slope of loss against log2(experts): nats per doubling."""
+  x = np.log2(np.asarray(counts, np.float64))
+  return float(np.polyfit(x, np.asarray(losses, np.float64), 1)[0])
+
+
+def analyse_b(runs: Runs, seeds: Sequence[int]) -> dict:
+  """Loss vs experts 1 (dense) .. 32 at equal active FLOPs (Switch Fig. 4)."""
+  # Every count whose runs finished for all seeds; dense (1) and at least
+  # two sparse counts are needed (the extremes train first: FIRST_COUNTS).
+  counts = tuple(n for n in (1,) + EXPERT_COUNTS
+                 if all((expert_cell(n), s) in runs for s in seeds))
+  if 1 not in counts or len(counts) < 3:
+    _get(runs, "dense", seeds)
+    for n in EXPERT_COUNTS:
+      _get(runs, expert_cell(n), seeds)
+  values = {str(n): _losses(runs, expert_cell(n), seeds) for n in counts}
+  slopes = [slope_per_doubling(counts, [values[str(n)][i] for n in counts])
+            for i in range(len(seeds))]
+  return record("b", [expert_cell(n) for n in counts], seeds, values, slopes,
+                -1, "slope of eval loss per doubling of experts (1 = dense)")
+
+
+def analyse_c(runs: Runs, seeds: Sequence[int],
+              step_ms: Optional[Mapping[str, float]] = None) -> dict:
+  """Capacity factor 1.0 / 1.25 / 2.0: drops, quality, step cost."""
+  cells = [cf_cell(f) for f in CAPACITY_FACTORS]
+  got = {c: _get(runs, c, seeds) for c in cells}
+  lo, hi = got[cells[0]], got[cells[-1]]
+  return record(
+      "c", cells, seeds, {c: [r.eval_loss for r in rs] for c, rs in got.items()},
+      [h.eval_loss - l.eval_loss for h, l in zip(hi, lo)], -1,
+      "eval loss, capacity factor 2.0 - 1.0",
+      dropped_pct={c: [r.dropped_pct for r in rs] for c, rs in got.items()},
+      eval_dropped_pct={c: [r.eval_dropped_pct for r in rs]
+                        for c, rs in got.items()},
+      drops_fall=bool(all(
+          np.mean([r.dropped_pct for r in got[b]])
+          < np.mean([r.dropped_pct for r in got[a]])
+          for a, b in zip(cells, cells[1:]))),
+      step_ms=dict(step_ms or {}))
+
+
+def analyse_d(runs: Runs, seeds: Sequence[int],
+              step_ms: Optional[Mapping[str, float]] = None) -> dict:
+  """Top-2 vs top-1 at equal steps; per second from the step-time benchmark."""
+  out = _pair("d", runs, seeds, "top2", "switch",
+              "eval loss at equal steps, top-2 - top-1")
+  if step_ms and "top2" in step_ms and "switch" in step_ms:
+    out["step_time_ratio"] = step_ms["top2"] / step_ms["switch"]
+  return out
+
+
+def analyse_e(runs: Runs, seeds: Sequence[int]) -> dict:
+  """Expert choice (encoder) vs top-2 token choice, encoder-decoder."""
+  return _pair("e", runs, seeds, "ed_ec", "ed_top2",
+               "eval loss, expert choice - top-2")
+
+
+def _stress_summary(runs: Runs, seeds, router_dtype, init) -> dict[str, Any]:
+  out = {}
+  for lr in STRESS_LRS:
+    rs = _get(runs, stress_cell(router_dtype, init, lr), seeds)
+    out[f"{lr:g}"] = {
+        "diverged": sum(r.diverged for r in rs),
+        "eval_loss": [r.eval_loss for r in rs],
+        "max_grad_norm": [r.max_grad_norm for r in rs],
+        "router_z_loss": [r.router_z_loss for r in rs]}
+  return out
+
+
+def _stress_record(finding, runs, seeds, stable, unstable, what) -> dict:
+  """Paper: `unstable` diverges more, or trains worse. Per seed: diverged
+  count of unstable - stable over the learning rates (a diverged run counts
+  as +inf loss in the loss comparison at the lowest stress rate)."""
+  a, b = (_stress_summary(runs, seeds, *stable),
+          _stress_summary(runs, seeds, *unstable))
+  diffs = []
+  for i, s in enumerate(seeds):
+    d = 0.0
+    for lr in STRESS_LRS:
+      d += (runs[(stress_cell(*unstable, lr), s)].diverged
+            - runs[(stress_cell(*stable, lr), s)].diverged)
+    diffs.append(d)
+  lr = STRESS_LRS[0]
+  la, lb = (_losses(runs, stress_cell(*stable, lr), seeds),
+            _losses(runs, stress_cell(*unstable, lr), seeds))
+  loss_diff = [y - x for x, y in zip(la, lb)]
+  finite = all(math.isfinite(v) for v in loss_diff)
+  out = record(finding, [stress_cell(*unstable, lr), stress_cell(*stable, lr)],
+               seeds, {"stable": la, "unstable": lb},
+               loss_diff if finite else [0.0] * len(seeds), +1,
+               f"eval loss at lr {lr:g}, {what}", by_lr={
+                   "stable": a, "unstable": b},
+               diverged_difference=diffs)
+  if not finite:
+    out["verdict"] = ("agrees" if sum(diffs) > 0 else
+                      "disagrees" if sum(diffs) < 0 else "inconclusive")
+    out["difference"] += " (diverged runs: verdict from divergence counts)"
+  return out
+
+
+def analyse_f(runs: Runs, seeds: Sequence[int]) -> dict:
+  """bfloat16 model: a bfloat16 router vs a float32 one under stress."""
+  return _stress_record("f", runs, seeds, ("float32", 0.1),
+                        ("bfloat16", 0.1), "bfloat16 router - float32 router")
+
+
+def analyse_g(runs: Runs, seeds: Sequence[int]) -> dict:
+  """bfloat16 model: init scale 1.0 vs 0.1 under stress."""
+  return _stress_record("g", runs, seeds, ("float32", 0.1), ("float32", 1.0),
+                        "init 1.0 - init 0.1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  """A claim, its cells and its analysis. `tiers` orders training: every
+  seed of the first tier's cells before any of the next."""
+  id: str
+  claim: str
+  tiers: tuple[tuple[str, ...], ...]
+  analyse: Callable[..., dict]
+
+  @property
+  def cells(self) -> tuple[str, ...]:
+    return tuple(c for tier in self.tiers for c in tier)
+
+
+FINDINGS: dict[str, Finding] = {f.id: f for f in (
+    Finding("a", "Switch beats the FLOP-matched dense model at equal tokens "
+            "(Switch §3, Table 1, Fig. 1)", (("dense", "switch"), ("dense_2x",)),
+            analyse_a),
+    Finding("b", "More experts give a lower loss at equal active FLOPs "
+            "(Switch Fig. 4)",
+            (tuple(dict.fromkeys(expert_cell(n) for n in (1,) + FIRST_COUNTS)),
+             tuple(expert_cell(n) for n in EXPERT_COUNTS
+                   if n not in FIRST_COUNTS)), analyse_b),
+    Finding("c", "A larger capacity factor drops fewer tokens and improves "
+            "quality per step, at a cost in speed (Switch Table 1)",
+            (tuple(cf_cell(f) for f in CAPACITY_FACTORS),), analyse_c),
+    Finding("d", "Top-2 is a little better per step than top-1, top-1 faster "
+            "(Switch Table 1)", (("switch", "top2"),), analyse_d),
+    Finding("e", "Expert choice beats token choice at equal compute "
+            "(Zhou et al. 2022)", (("ed_top2", "ed_ec"),), analyse_e),
+    Finding("f", "A float32 router is needed for bfloat16 stability "
+            "(Switch Table 2)",
+            (tuple(stress_cell(dt, 0.1, lr) for lr in STRESS_LRS
+                   for dt in ("float32", "bfloat16")),), analyse_f),
+    Finding("g", "Init scale 0.1 is more stable than 1.0 (Switch Table 3)",
+            (tuple(stress_cell("float32", init, lr) for lr in STRESS_LRS
+                   for init in (0.1, 1.0)),), analyse_g),
+)}

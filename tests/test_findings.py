@@ -1,0 +1,128 @@
+"""The findings' analyses on hand-made runs: differences, intervals, verdicts,
+the speedup and the slope per doubling, against values computed by hand."""
+import math
+
+import pytest
+
+from switchjax import findings as F
+
+T_975_DF2 = 4.302652729911275
+SEEDS = (0, 1, 2)
+
+
+def _runs(values):
+  """{cell: [loss per seed]} -> Runs."""
+  return {(cell, s): F.Run(eval_loss=v, tokens_per_sec=1000.0)
+          for cell, losses in values.items() for s, v in zip(SEEDS, losses)}
+
+
+def test_a_agrees_when_switch_is_lower_in_every_seed():
+  runs = _runs({"dense": [5.0, 5.1, 5.2], "switch": [4.9, 4.95, 5.0]})
+  r = F.analyse_a(runs, SEEDS, tokens=1e6)
+  assert r["per_seed_difference"] == pytest.approx([-0.1, -0.15, -0.2])
+  half = T_975_DF2 * 0.05 / math.sqrt(3)  # sd of (-0.1, -0.15, -0.2) is 0.05
+  assert r["mean_difference"] == pytest.approx(-0.15)
+  assert r["interval_95"] == pytest.approx([-0.15 - half, -0.15 + half])
+  assert r["verdict"] == "agrees"
+  assert r["cells"] == ["switch", "dense"] and r["seeds"] == list(SEEDS)
+  assert "speedup" not in r  # no dense_2x runs
+
+
+def test_a_inconclusive_when_seeds_disagree():
+  runs = _runs({"dense": [5.0, 5.0, 5.0], "switch": [4.9, 5.05, 4.98]})
+  assert F.analyse_a(runs, SEEDS, tokens=1e6)["verdict"] == "inconclusive"
+
+
+def test_a_disagrees_when_switch_is_worse():
+  runs = _runs({"dense": [5.0, 5.0, 5.0], "switch": [5.1, 5.12, 5.09]})
+  assert F.analyse_a(runs, SEEDS, tokens=1e6)["verdict"] == "disagrees"
+
+
+def test_speedup_interpolates_between_dense_runs_in_log_tokens():
+  # Dense: 5.0 at T, 4.8 at 2T; Switch 4.9 sits halfway in loss, so halfway
+  # in log tokens: sqrt(2) T. Switch 4.7 is beyond 2T: a lower bound of 2.
+  runs = _runs({"dense": [5.0, 5.0, 5.0], "dense_2x": [4.8, 4.8, 4.8],
+                "switch": [4.9, 4.9, 4.7]})
+  worse = dict(runs)
+  worse[("switch", 0)] = F.Run(5.05, tokens_per_sec=1000.0)
+  for s in SEEDS:
+    runs[("dense", s)].tokens_per_sec = 2000.0
+  up = F.analyse_a(runs, SEEDS, tokens=1e6)["speedup"]
+  assert up["tokens"] == pytest.approx([math.sqrt(2), math.sqrt(2), 2.0])
+  assert up["bound"] == ["exact", "exact", "lower"]
+  # Switch runs at half dense's throughput here: half the speedup per second.
+  assert up["wall_clock"] == pytest.approx([math.sqrt(2) / 2] * 2 + [1.0])
+  # Switch worse than dense at 1x: at most 1.
+  up = F.analyse_a(worse, SEEDS, tokens=1e6)["speedup"]
+  assert up["tokens"][0] == 1.0 and up["bound"][0] == "upper"
+
+
+def test_slope_per_doubling():
+  assert F.slope_per_doubling([1, 2, 4, 8], [5.0, 4.9, 4.8, 4.7]) == pytest.approx(-0.1)
+
+
+def test_b_uses_dense_as_one_expert():
+  per_e = {1: 5.0, 2: 4.95, 4: 4.9, 8: 4.85, 16: 4.8, 32: 4.75}
+  runs = _runs({F.expert_cell(n): [v, v + 0.01, v - 0.01]
+                for n, v in per_e.items()})
+  r = F.analyse_b(runs, SEEDS)
+  assert r["per_seed_difference"] == pytest.approx([-0.05] * 3)
+  assert r["cells"] == ["dense", "e2", "e4", "switch", "e16", "e32"]
+  # No spread at all: a zero-width interval below zero.
+  assert r["verdict"] == "agrees"
+
+
+def test_missing_runs_are_named():
+  runs = _runs({"dense": [5.0, 5.0, 5.0]})
+  with pytest.raises(F.Missing, match="switch_s0"):
+    F.analyse_a(runs, SEEDS, tokens=1e6)
+
+
+def test_c_drops_and_quality():
+  runs = _runs({"cf1.0": [5.0] * 3, "cf1.25": [4.98] * 3,
+                "switch": [4.97, 4.96, 4.95]})
+  for cell, drop in (("cf1.0", 8.0), ("cf1.25", 4.0), ("switch", 0.5)):
+    for s in SEEDS:
+      runs[(cell, s)].dropped_pct = drop
+  r = F.analyse_c(runs, SEEDS, {"switch": 30.0})
+  assert r["drops_fall"] is True
+  assert r["per_seed_difference"] == pytest.approx([-0.03, -0.04, -0.05])
+  assert r["verdict"] == "agrees" and r["step_ms"] == {"switch": 30.0}
+
+
+def test_stress_counts_divergence():
+  cells = {}
+  for lr in F.STRESS_LRS:
+    cells[F.stress_cell("float32", 0.1, lr)] = [4.0] * 3
+    cells[F.stress_cell("bfloat16", 0.1, lr)] = [4.1, 4.12, 4.14]
+    cells[F.stress_cell("float32", 1.0, lr)] = [4.0] * 3
+  runs = _runs(cells)
+  r = F.analyse_f(runs, SEEDS)
+  assert r["per_seed_difference"] == pytest.approx([0.1, 0.12, 0.14])
+  assert r["verdict"] == "agrees"  # the bfloat16 router trains worse
+  # Diverged bfloat16-router runs: the verdict comes from the counts.
+  lr = F.STRESS_LRS[1]
+  for s in SEEDS:
+    runs[(F.stress_cell("bfloat16", 0.1, lr), s)] = F.Run(math.nan, diverged=True)
+    runs[(F.stress_cell("bfloat16", 0.1, F.STRESS_LRS[0]), s)].eval_loss = math.nan
+  r = F.analyse_f(runs, SEEDS)
+  assert r["diverged_difference"] == [1.0, 1.0, 1.0]
+  assert r["verdict"] == "agrees"
+  assert F.analyse_g(runs, SEEDS)["verdict"] == "inconclusive"  # no difference
+
+
+def test_every_finding_names_known_cells():
+  for f in F.FINDINGS.values():
+    assert set(f.cells) <= set(F.CELLS), f.id
+
+
+def test_b_fits_the_counts_that_finished():
+  per_e = {1: 5.0, 2: 4.9, 8: 4.7, 32: 4.5}  # -0.1 per doubling exactly
+  runs = _runs({F.expert_cell(n): [v] * 3 for n, v in per_e.items()})
+  r = F.analyse_b(runs, SEEDS)
+  assert list(r["values"]) == ["1", "2", "8", "32"]
+  assert r["per_seed_difference"] == pytest.approx([-0.1] * 3)
+  # Dense and one sparse count are not enough for a slope.
+  runs = _runs({"dense": [5.0] * 3, "e2": [4.9] * 3})
+  with pytest.raises(F.Missing):
+    F.analyse_b(runs, SEEDS)

@@ -1,0 +1,201 @@
+"""scripts/reproduce.py end to end on a shrunken protocol, the fixed eval set,
+and the routing probe against the model's own expert loads."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import experiment, script
+from switchjax import findings as F
+from switchjax import routing_probe
+from switchjax import train
+from switchjax import validate
+from switchjax.data import pipeline
+from switchjax.data import vocab as vocab_lib
+
+TINY = ["--set", "train.num_steps=2", "--set", "train.warmup_steps=0",
+        "--set", "train.eval_steps=1", "--set", "train.batch_size=16", "--set", "model.num_decoder_layers=2",
+        "--set", "model.d_model=32", "--set", "model.d_ff=64"]
+
+
+def test_bad_arguments_fail_in_one_line(capsys):
+  reproduce = script("reproduce")
+  for argv, what in ((["--findings", "a,z"], "--findings"),
+                     (["--seeds", "1"], "--seeds"),
+                     (["--seeds", "1,x"], "--seeds"),
+                     (["--set", "nokey"], "--set")):
+    with pytest.raises(SystemExit) as e:
+      reproduce.main(argv)
+    assert e.value.code == 2
+    assert what in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_unknown_set_key_is_refused_before_training(tmp_path):
+  reproduce = script("reproduce")
+  with pytest.raises(SystemExit, match="unknown config key 'model.d_modl'"):
+    reproduce.main(["--findings", "a", "--workdir", str(tmp_path / "w"),
+                    "--set", "model.d_modl=3"])
+  assert not os.path.exists(tmp_path / "w")
+
+
+def _reproduce_grid(findings, seeds, settings=()):
+  reproduce = script("reproduce")
+  return reproduce, reproduce.make_grid(findings, list(seeds), list(settings))
+
+
+def test_grid_orders_runs_and_doubles_dense_2x():
+  _, g = _reproduce_grid(["a", "f"], (0, 1), [("train.num_steps", 100)])
+  names = [n for n, _ in g.cells]
+  assert names[:4] == ["dense_s0", "switch_s0", "dense_s1", "switch_s1"]
+  assert names[-2:] == ["dense_2x_s0", "dense_2x_s1"]  # the long runs last
+  cells = dict(g.cells)
+  assert cells["dense_2x_s1"]["train.num_steps"] == 200
+  assert cells["dense_2x_s1"]["seed"] == 1
+  stress = cells[F.run_name(F.stress_cell("bfloat16", 0.1, 0.01), 0)]
+  assert stress["train.num_steps"] == 20 and stress["model.dtype"] == "bfloat16"
+  assert cells["switch_s0"] == {"train.num_steps": 100, "seed": 0}
+
+
+def _fake_run(run_dir, config, losses):
+  """A finished run on disk: config, metrics (evals at `losses`), step dir."""
+  os.makedirs(os.path.join(run_dir, "checkpoints", str(config.train.num_steps)))
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    f.write(config.to_json())
+  steps = np.linspace(0, config.train.num_steps, len(losses) + 1)[1:]
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    for step, loss in zip(steps, losses):
+      row = {"step": int(step), "loss": loss + 0.1, "dropped_fraction": 0.01,
+             "tokens_per_sec": 1000.0, "grad_norm": 1.0, "z_loss": 2.0}
+      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps({"step": int(step), "split": "eval", "loss": loss,
+                          "dropped_fraction": 0.0}) + "\n")
+
+
+def test_report_only_reads_runs_into_findings(tmp_path, capsys):
+  from switchjax import sweep
+  wd = str(tmp_path / "repro")
+  final = {"dense": [5.0, 5.1, 5.2], "switch": [4.9, 4.95, 5.0],
+           "dense_2x": [4.8, 4.8, 4.8]}
+  reproduce, g = _reproduce_grid(["a"], (0, 1, 2))
+  for cell, config in sweep.prepare(g, None):
+    name, _, seed = cell.name.rpartition("_s")
+    _fake_run(os.path.join(wd, cell.name), config,
+              [6.0, final[name][int(seed)]])
+  reproduce.main(["--findings", "a", "--workdir", wd, "--report_only"])
+  with open(os.path.join(wd, "findings.json")) as f:
+    a = json.load(f)["a"]
+  assert a["per_seed_difference"] == pytest.approx([-0.1, -0.15, -0.2])
+  assert a["verdict"] == "agrees" and a["seeds"] == [0, 1, 2]
+  # Switch halfway (in loss) between dense at 1x and 2x: sqrt(2) x tokens.
+  assert a["speedup"]["tokens"] == pytest.approx([2 ** 0.5] * 3)
+  report = open(os.path.join(wd, "results.md")).read()
+  assert "| (a) |" in report and "**agrees**" in report
+  assert "1.41x the tokens" in report
+  assert os.path.exists(os.path.join(wd, "loss_vs_tokens.png"))
+  assert "specialisation skipped" in capsys.readouterr().out  # no checkpoint
+
+
+def test_finding_e_trains_resumably(tmp_path):
+  """Real training, shrunken: finding (e)'s encoder-decoder cells."""
+  reproduce = script("reproduce")
+  wd = str(tmp_path / "repro")
+  argv = ["--findings", "e", "--seeds", "0,1", "--workdir", wd] + TINY
+  reproduce.main(argv)
+  with open(os.path.join(wd, "findings.json")) as f:
+    e = json.load(f)["e"]
+  assert e["cells"] == ["ed_ec", "ed_top2"] and e["seeds"] == [0, 1]
+  diffs = [a - b for a, b in zip(e["values"]["ed_ec"], e["values"]["ed_top2"])]
+  assert e["per_seed_difference"] == pytest.approx(diffs)
+  with open(os.path.join(wd, "ed_ec_s1", "config.json")) as f:
+    config = json.load(f)
+  assert config["moe"]["encoder_router"] == "expert_choice"
+  assert config["seed"] == 1 and config["model"]["d_model"] == 32
+  with open(os.path.join(wd, "timing.jsonl")) as f:
+    assert len(f.readlines()) == 4
+  # A rerun trains nothing and reports the same numbers.
+  reproduce.main(argv)
+  with open(os.path.join(wd, "timing.jsonl")) as f:
+    assert len(f.readlines()) == 4
+  with open(os.path.join(wd, "findings.json")) as f:
+    assert json.load(f)["e"]["values"] == e["values"]
+
+
+def _repro(preset="switch", **overrides):
+  c = experiment(os.path.join("experiments", "repro", "protocol.py"), preset)
+  c.train.batch_size = 8  # the tests' 8 CPU devices split the batch
+  for k, v in overrides.items():
+    section, key = k.split("__")
+    c[section][key] = v
+  return validate.prepare(c)
+
+
+@pytest.mark.parametrize("preset", ["switch", "encdec"])
+def test_two_seeds_score_the_same_tokens(preset):
+  batches = []
+  for seed in (0, 1):
+    c = _repro(preset)
+    c.seed = seed
+    it = pipeline.make_iterator(c, "validation", batch_size=8)
+    batches.append([next(it) for _ in range(3)])
+  for b0, b1 in zip(*batches):
+    for k in b0:
+      np.testing.assert_array_equal(b0[k], b1[k])
+
+
+def test_eval_steps_zero_reads_the_whole_split_once():
+  c = _repro()
+  vocab = vocab_lib.get_vocabulary(c)
+  from switchjax.data import tfds_corpus
+  src = tfds_corpus.data_source("bundled", "validation", None)
+  total = sum(vocab.encode_np(src[i]["text"], append_eos=True).size
+              for i in range(len(src)))
+  n = train.eval_batches(c)
+  per_batch = c.train.batch_size * (c.data.seq_length + 1)
+  assert n * per_batch <= total < (n + 1) * per_batch
+  # Two processes: the smaller slice of documents decides.
+  assert pipeline.num_batches(c, "validation",
+                              batch_size=c.train.batch_size // 2,
+                              process_count=2) <= n
+
+
+def test_probe_counts_match_the_models_expert_load(tmp_path):
+  """Top-1 first choices of the probe = the eval's dispatched load when the
+  eval capacity drops nothing (factor E)."""
+  c = _repro(model__num_decoder_layers=2, model__d_model=32, model__d_ff=64)
+  c.moe.eval_capacity_factor = float(c.moe.num_experts)
+  c.train.num_steps, c.train.warmup_steps = 2, 0
+  c.train.eval_steps, c.train.checkpoint_every = 1, 2
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(c, wd)
+  p = routing_probe.probe(c, wd, max_batches=1)
+  assert p.layers == ["decoder/layer_1"] and p.tokens.size == 8 * 128
+  assert 0.0 <= p.bf16_mismatch[0] <= 1.0
+  trainer = train.make_trainer(c)
+  from switchjax import checkpoint
+  ck = checkpoint.Checkpointer(wd, max_to_keep=5, log=None)
+  _, state = ck.restore_latest(trainer.abstract_state,
+                               pipeline.make_iterator(c, "train", batch_size=8))
+  ck.close()
+  examples, _ = routing_probe.validation_examples(c)
+  batch = {"decoder_input_tokens": examples[:8, :-1],
+           "decoder_target_tokens": examples[:8, 1:],
+           "decoder_loss_weights": np.ones((8, 128), np.float32)}
+  m = jax.device_get(trainer.eval_step(state["params"],
+                                       train._global_batch(trainer, batch)))
+  load = m["layers"]["decoder/layer_1"]["expert_load"]
+  counts = np.bincount(p.choice[0], minlength=c.moe.num_experts)
+  np.testing.assert_allclose(counts / counts.sum(), load, atol=1e-6)
+  fr = routing_probe.domain_fractions(p, c.moe.num_experts)
+  np.testing.assert_allclose(fr.sum(-1)[0][counts > 0], 1.0)
+
+
+def test_protocol_vocabulary_is_the_bundled_2k_model():
+  c = _repro()
+  path = vocab_lib.resolve_path(c.data.vocab_path)
+  assert os.path.dirname(path) == os.path.dirname(vocab_lib.BUNDLED_VOCAB_PATH)
+  vocab = vocab_lib.get_vocabulary(c)
+  assert vocab.sp_vocab_size == 2048 and vocab.vocab_size == c.model.vocab_size
+  assert vocab_lib.resolve_path("") == vocab_lib.BUNDLED_VOCAB_PATH
+  assert vocab_lib.resolve_path("no/such.model").endswith("no/such.model")
