@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -20,12 +20,6 @@ from switchjax import stats
 PROBE_BATCHES = 16  # validation batches the specialisation probe routes
 FIGURES = ("loss_vs_tokens.png", "loss_vs_experts.png", "speedup.png",
            "capacity_factor.png", "specialisation.png")
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "n/a"
-  return f"{x:+.{digits}f}" if digits < 0 else f"{x:.{digits}f}"
 
 
 def _seeds_of(runs: F.Runs, cell: str) -> list[int]:
@@ -39,7 +33,7 @@ def _band(runs: F.Runs, cell: str):
   if not curves:
     return None
   n = min(len(c) for c in curves)
-  tokens = np.array([c[i][0] for i in range(n) for c in curves[:1]])
+  tokens = np.array([point[0] for point in curves[0][:n]])
   losses = np.array([[c[i][1] for i in range(n)] for c in curves])
   return tokens, losses.mean(0), losses.min(0), losses.max(0)
 
@@ -96,8 +90,8 @@ def fig_loss_vs_experts(record: dict) -> Optional[Figure]:
 
 def fig_speedup(record: dict, tokens: float) -> Optional[Figure]:
   up = record.get("speedup")
-  if not up:
-    return None
+  if not up or not all(math.isfinite(x) for x in up["dense_2x"]):
+    return None  # the 2x dense runs are what the figure shows
   fig = Figure(figsize=(6, 4), layout="constrained")
   ax = fig.add_subplot()
   for i, (d1, d2, s) in enumerate(zip(record["values"]["dense"],
@@ -331,6 +325,8 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
   for name, fig in drawn.items():
     if fig is not None:
       fig.savefig(os.path.join(workdir, name), dpi=90)
+    elif os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))  # stale: its data is gone
   lines = [
       "# Reproducing the papers' findings at small scale", "",
       f"Made by `{meta['command']}` on {meta['date']} at commit "
