@@ -262,13 +262,14 @@ def _stress_summary(runs: Runs, seeds, router_dtype, init) -> dict[str, Any]:
 
 
 def _stress_record(finding, runs, seeds, stable, unstable, what) -> dict:
-  """Paper: `unstable` diverges more, or trains worse. Per seed: diverged
-  count of unstable - stable over the learning rates (a diverged run counts
-  as +inf loss in the loss comparison at the lowest stress rate)."""
+  """Paper: `unstable` diverges more, or trains worse. The interval is over
+  the per-seed eval-loss differences at the lowest stress rate; when a run
+  there diverged (no loss), the verdict is the sign of the summed per-seed
+  divergence counts (unstable - stable, over every stress rate) instead."""
   a, b = (_stress_summary(runs, seeds, *stable),
           _stress_summary(runs, seeds, *unstable))
   diffs = []
-  for i, s in enumerate(seeds):
+  for s in seeds:
     d = 0.0
     for lr in STRESS_LRS:
       d += (runs[(stress_cell(*unstable, lr), s)].diverged
