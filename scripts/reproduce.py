@@ -45,6 +45,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from switchjax import findings as F
 from switchjax import grid as grid_lib
+from switchjax import results as results_lib
 
 DOCS = os.path.join(ROOT, "docs")
 PILOT = os.path.join(DOCS, "results", "pilot.md")
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
   bench = step_times(args.workdir, train=not args.report_only and any(
       f in args.findings for f in ("c", "d")))
   base = base_config(args.set)
-  tokens = base.train.num_steps * base.train.batch_size * base.data.seq_length
+  tokens = base.train.num_steps * results_lib.tokens_per_step(base)
   results = analyse(args.findings, runs, args.seeds, bench, tokens)
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:
     json.dump(results, f, indent=1)

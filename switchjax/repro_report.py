@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from switchjax import findings as F
+from switchjax import results as results_lib
 from switchjax import stats
 
 PROBE_BATCHES = 16  # validation batches the specialisation probe routes
@@ -316,7 +317,7 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
   path = path or os.path.join(workdir, "results.md")
   seeds = results[next(iter(results))]["seeds"]
   spec = specialisation(workdir, seeds)
-  tokens = base.train.num_steps * base.train.batch_size * base.data.seq_length
+  tokens = base.train.num_steps * results_lib.tokens_per_step(base)
   drawn = {"loss_vs_tokens.png": fig_loss_vs_tokens(runs),
            "loss_vs_experts.png": fig_loss_vs_experts(results.get("b", {"verdict": "pending"})),
            "speedup.png": fig_speedup(results.get("a", {}), tokens),

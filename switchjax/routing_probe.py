@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from switchjax import checkpoint as ckpt_lib
+from switchjax import model as model_lib
 from switchjax import moe
 from switchjax import train as train_lib
 from switchjax.data import corpus
@@ -127,7 +128,8 @@ def probe(config, workdir: str, max_batches: int = 0) -> Probe:
       mismatch[j].append(float(np.mean(
           f32 != _first_choice(x, kernel, jnp.bfloat16))))
   names = [f"decoder/layer_{i}" for i in range(config.model.num_decoder_layers)
-           if i % config.moe.sparse_every == config.moe.sparse_every - 1]
+           if model_lib.is_sparse_layer(i, config.moe.num_experts,
+                                        config.moe.sparse_every)]
   return Probe(layers=names[:len(layers)],
                choice=[np.concatenate(c) for c in layers],
                bf16_mismatch=[float(np.mean(m)) for m in mismatch],
