@@ -19,6 +19,11 @@ Then it writes, in DIR:
   step_times.json  the protocol's step-time benchmark (findings c, d and the
                    throughput line): benchmarks/repro_throughput.py
   timing.jsonl     the wall time of every trained run (the measured total)
+  xla_cache/       compiled steps, so the seeds of a cell compile once
+
+The dense runs at 2x the tokens (the speedup of finding a) train after all
+others, and only where Switch beats dense at 1x in some seed: otherwise
+the speedup is at most 1, read off the dense run's own eval curve.
 
 --publish also writes docs/results.md and docs/results/ (findings.json,
 figures), the checked-in report; without it nothing outside DIR changes.
@@ -99,11 +104,11 @@ def base_config(settings: list[tuple[str, Any]]):
 
 
 def make_grid(findings: list[str], seeds: list[int],
-              settings: list[tuple[str, Any]]):
+              settings: list[tuple[str, Any]], long: bool | None = None):
   """One sweep grid holding every (cell, seed) run of the findings, in
   order: finding by finding, tier by tier, seed by seed (so early findings
   finish first), the runs longer than the protocol (dense_2x) after all
-  others."""
+  others. `long`: True keeps only those longer runs, False only the rest."""
   steps = base_config(settings).train.num_steps
   runs = {}
   for f in findings:
@@ -112,12 +117,22 @@ def make_grid(findings: list[str], seeds: list[int],
         for cell in tier:
           runs.setdefault(F.run_name(cell, seed), {
               **dict(settings), **F.cell_overrides(cell, steps), "seed": seed})
-  runs = dict(sorted(runs.items(), key=lambda kv: kv[1].get(
-      "train.num_steps", steps) > steps))  # stable: keeps the order above
+  is_long = lambda kv: kv[1].get("train.num_steps", steps) > steps
+  runs = dict(sorted(runs.items(), key=is_long))  # stable: keeps the order
+  if long is not None:
+    runs = {k: v for k, v in runs.items() if is_long((k, v)) == long}
   g = grid_lib.base_grid("reproduce", F.EXPERIMENT, F.PRESET)
   g.description = "The reproduction's runs (switchjax/findings.py)."
   g.cells = grid_lib.variants(**runs)
   return g
+
+
+def _mean_drop_pct(train_rows) -> float:
+  """Mean train dropped fraction of these log rows, in %; nan if none."""
+  if not train_rows:
+    return float("nan")
+  return 100 * sum(float(r["dropped_fraction"]) for r in train_rows) / len(
+      train_rows)
 
 
 def load_runs(workdir: str, cells) -> F.Runs:
@@ -136,8 +151,9 @@ def load_runs(workdir: str, cells) -> F.Runs:
     out[(name, int(seed))] = F.Run(
         eval_loss=float("nan") if diverged else float(row["eval_loss"]),
         curve=[(e["step"] * per_step, float(e["loss"])) for e in evals],
-        dropped_pct=100 * sum(float(r["dropped_fraction"]) for r in train)
-        / max(1, len(train)),
+        dropped_pct=_mean_drop_pct(train),
+        late_dropped_pct=_mean_drop_pct(
+            [r for r in train if r["step"] > config.train.num_steps / 2]),
         eval_dropped_pct=100 * float(evals[-1]["dropped_fraction"])
         if evals else float("nan"),
         tokens_per_sec=float(row.get("tokens_per_sec", "nan")),
@@ -195,6 +211,26 @@ def total_hours(workdir: str) -> float:
     return sum(json.loads(line)["seconds"] for line in f if line.strip()) / 3600
 
 
+def train_runs(args, grid, cells, sweep) -> None:
+  """Trains the protocol-length runs, then the dense_2x runs if the
+  speedup needs them (`findings.needs_dense_2x`)."""
+  sweep.run(make_grid(args.findings, args.seeds, args.set, long=False),
+            args.workdir)
+  long = make_grid(args.findings, args.seeds, args.set, long=True)
+  if not long.cells:
+    return
+  runs = load_runs(args.workdir, cells)
+  if not all((c, s) in runs for c in ("dense", "switch") for s in args.seeds):
+    return  # stopped early (preempted): the same command resumes
+  if not F.needs_dense_2x(runs, args.seeds):
+    print("dense_2x not trained: Switch is no better than dense at 1x in "
+          "every seed, so the speedup is at most 1 without them (read off "
+          "the dense eval curve)", flush=True)
+    return
+  sweep.run(long, args.workdir)
+  sweep.report(grid, args.workdir, cells)  # the table of every run
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   from switchjax import sweep  # pylint: disable=g-import-not-at-top
@@ -203,7 +239,7 @@ def main(argv=None) -> None:
     grid = make_grid(args.findings, args.seeds, args.set)
     cells = sweep.prepare(grid, None if args.report_only else args.workdir)
     if not args.report_only:
-      sweep.run(grid, args.workdir)
+      train_runs(args, grid, cells, sweep)
   except ValueError as e:
     sys.exit(f"error: {e}")
   runs = load_runs(args.workdir, cells)

@@ -64,6 +64,13 @@ CELLS: dict[str, dict[str, Any]] = {
 }
 
 
+def needs_dense_2x(runs: Runs, seeds: Sequence[int]) -> bool:
+  """Whether the speedup needs the dense runs at 2x the tokens: only where
+  Switch beats dense at 1x in some seed (else it is bounded by 1 without)."""
+  return any(runs[("switch", s)].eval_loss < runs[("dense", s)].eval_loss
+             for s in seeds)
+
+
 def cell_overrides(cell: str, steps: int) -> dict[str, Any]:
   """A cell's overrides for a protocol of `steps` training steps."""
   out = dict(CELLS[cell])
@@ -94,6 +101,7 @@ class Run:
   eval_loss: float  # last eval; nan if it diverged
   curve: Sequence[tuple[float, float]] = ()  # (tokens seen, eval loss)
   dropped_pct: float = 0.0  # mean train dropped fraction over the run, %
+  late_dropped_pct: float = math.nan  # the same over its second half, %
   eval_dropped_pct: float = 0.0  # at the last eval, %
   tokens_per_sec: float = math.nan
   diverged: bool = False
@@ -148,11 +156,17 @@ def _speedup(dense: Run, dense_2x: Run, target: Run, tokens: float
 
   From the dense model's final losses at 1x and 2x the tokens (each run
   annealed to its own end), interpolated in log tokens: "exact". When
-  dense at 2x does not get there the ratio is 2, a "lower" bound; when
-  Switch is no better than dense at 1x it is 1, an "upper" bound.
+  dense at 2x does not get there the ratio is 2, a "lower" bound. When
+  Switch is no better than dense at 1x, the dense run's own eval curve says
+  where it got there: an "upper" bound, since an eval midway through a
+  cosine schedule sits above a run annealed at that length.
   """
   if target.eval_loss >= dense.eval_loss:
-    return 1.0, "upper"
+    if not dense.curve:
+      return 1.0, "upper"
+    t, losses = zip(*dense.curve)
+    reached = stats.tokens_to_reach(t, losses, target.eval_loss)
+    return min(1.0, (reached or tokens) / tokens), "upper"
   ratio, exact = stats.speedup([tokens, 2 * tokens],
                                [dense.eval_loss, dense_2x.eval_loss],
                                target.eval_loss, tokens)
@@ -168,8 +182,8 @@ def analyse_a(runs: Runs, seeds: Sequence[int], tokens: float,
   dense, switch = _get(runs, "dense", seeds), _get(runs, "switch", seeds)
   # Where Switch is no better than dense at 1x the ratio is known (<= 1)
   # without the 2x runs.
-  no_gain = all(s.eval_loss >= d.eval_loss for s, d in zip(switch, dense))
-  if no_gain or all((("dense_2x", s) in runs) for s in seeds):
+  if (not needs_dense_2x(runs, seeds)
+      or all((("dense_2x", s) in runs) for s in seeds)):
     long = [runs.get(("dense_2x", s), Run(math.nan)) for s in seeds]
     ups = [_speedup(d, l, s, tokens) for d, l, s in zip(dense, long, switch)]
     ratios = [u for u, _ in ups]
@@ -224,6 +238,8 @@ def analyse_c(runs: Runs, seeds: Sequence[int],
       [h.eval_loss - l.eval_loss for h, l in zip(hi, lo)], -1,
       "eval loss, capacity factor 2.0 - 1.0",
       dropped_pct={c: [r.dropped_pct for r in rs] for c, rs in got.items()},
+      late_dropped_pct={c: [r.late_dropped_pct for r in rs]
+                        for c, rs in got.items()},
       eval_dropped_pct={c: [r.eval_dropped_pct for r in rs]
                         for c, rs in got.items()},
       drops_fall=bool(all(

@@ -233,7 +233,9 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
                 "get there, the ratio is a lower bound)")
     if "upper" in up["bound"]:
       exact += (f" ({up['bound'].count('upper')} seeds: Switch no better "
-                "than dense at equal tokens, counted as 1, an upper bound)")
+                "than dense at equal tokens, so read off the dense run's "
+                "own eval curve, whose midway evals are not annealed: an "
+                "upper bound)")
     out.append(
         f"- **Speedup (a)**: the dense model needs {up['tokens_mean']:.2f}x "
         f"the tokens [{up['tokens_interval_95'][0]:.2f}, "
@@ -255,6 +257,9 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
                "run) " + ", ".join(
                    f"cf {f}: {np.mean(c['dropped_pct'][F.cf_cell(f)]):.2f} %"
                    for f in F.CAPACITY_FACTORS)
+               + "; over its second half " + ", ".join(
+                   f"{np.mean(c['late_dropped_pct'][F.cf_cell(f)]):.2f} %"
+                   for f in F.CAPACITY_FACTORS)
                + "; at the last eval " + ", ".join(
                    f"{np.mean(c['eval_dropped_pct'][F.cf_cell(f)]):.2f} %"
                    for f in F.CAPACITY_FACTORS) + ".")
@@ -265,15 +270,20 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
   d = results.get("d", {})
   if d.get("step_time_ratio"):
     out.append(f"- **Top-2 (d)**: a top-2 step takes {d['step_time_ratio']:.2f}x "
-               "a top-1 step (benchmark); per unit of time top-2 has to beat "
-               "top-1 by more than that costs.")
+               "a top-1 step (benchmark), so top-1 is the faster one. Per "
+               "unit of time, whether top-2's gain per step outweighs that "
+               f"needs a top-1 run {d['step_time_ratio']:.2f}x as long, "
+               "which the protocol does not train.")
+  sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
+           "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
   for f in ("f", "g"):
     r = results.get(f, {})
     if r.get("by_lr"):
       parts = []
       for side in ("stable", "unstable"):
         for lr, v in r["by_lr"][side].items():
-          parts.append(f"{side} lr {lr}: {v['diverged']} diverged, max grad "
+          parts.append(f"{sides[f][side]}, lr {lr}: {v['diverged']} of "
+                       f"{len(v['eval_loss'])} diverged, max grad "
                        f"norm {max(v['max_grad_norm']):.2f}, router z-loss "
                        f"{np.nanmean(v['router_z_loss']):.2f}")
       out.append(f"- **({f}) under stress**: " + "; ".join(parts) + ".")

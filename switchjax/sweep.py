@@ -13,8 +13,10 @@ in training at a step boundary (saved) and the sweep with it.
 
 Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
-DIR/final_vs_<axis>.png, DIR/expert_load.png, DIR/grid.json and
-DIR/timing.jsonl (seconds each cell trained).
+DIR/final_vs_<axis>.png, DIR/expert_load.png, DIR/grid.json,
+DIR/timing.jsonl (seconds each cell trained) and DIR/xla_cache (JAX's
+persistent compilation cache: a program that recurs across cells, as in
+seeds of one cell, compiles once; set JAX_COMPILATION_CACHE_DIR to move it).
 
   python -m switchjax.sweep --config ... --workdir DIR --print_commands
 
@@ -52,6 +54,7 @@ flags.DEFINE_bool("report_only", False,
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 TIMING_FILE = "timing.jsonl"  # one line per trained (or resumed) cell
+COMPILATION_CACHE = "xla_cache"  # JAX's persistent compilation cache
 
 
 def _x_axis_index(grid: ml_collections.ConfigDict) -> int | None:
@@ -125,6 +128,12 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
   """Trains every unfinished cell of grid under workdir; returns the rows."""
   from switchjax import results  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    # Cells that differ only in values a step takes at run time (the seed,
+    # the learning rate) compile the same programs: once, into DIR/xla_cache.
+    # Takes effect only if this process has compiled nothing yet.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(workdir, COMPILATION_CACHE))
   cells = prepare(grid, workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "grid.json"), "w") as f:

@@ -52,9 +52,22 @@ def test_speedup_interpolates_between_dense_runs_in_log_tokens():
   assert up["bound"] == ["exact", "exact", "lower"]
   # Switch runs at half dense's throughput here: half the speedup per second.
   assert up["wall_clock"] == pytest.approx([math.sqrt(2) / 2] * 2 + [1.0])
-  # Switch worse than dense at 1x: at most 1.
+  # Switch worse than dense at 1x: at most 1; with a dense eval curve, where
+  # that curve crosses Switch's loss (5.10 at T/2, 5.00 at T; 5.05 halfway
+  # in loss, so halfway in log tokens: T / sqrt(2)).
   up = F.analyse_a(worse, SEEDS, tokens=1e6)["speedup"]
   assert up["tokens"][0] == 1.0 and up["bound"][0] == "upper"
+  worse[("dense", 0)].curve = [(2.5e5, 5.3), (5e5, 5.1), (1e6, 5.0)]
+  up = F.analyse_a(worse, SEEDS, tokens=1e6)["speedup"]
+  assert up["tokens"][0] == pytest.approx(2 ** -0.5)
+  assert up["bound"] == ["upper", "exact", "lower"]
+
+
+def test_dense_2x_is_needed_only_where_switch_beats_dense():
+  runs = _runs({"dense": [5.0, 5.0, 5.0], "switch": [5.1, 5.0, 5.2]})
+  assert not F.needs_dense_2x(runs, SEEDS)  # a tie is no gain
+  runs[("switch", 2)] = F.Run(4.99)
+  assert F.needs_dense_2x(runs, SEEDS)
 
 
 def test_slope_per_doubling():
@@ -84,8 +97,10 @@ def test_c_drops_and_quality():
   for cell, drop in (("cf1.0", 8.0), ("cf1.25", 4.0), ("switch", 0.5)):
     for s in SEEDS:
       runs[(cell, s)].dropped_pct = drop
+      runs[(cell, s)].late_dropped_pct = drop / 2 + s
   r = F.analyse_c(runs, SEEDS, {"switch": 30.0})
   assert r["drops_fall"] is True
+  assert r["late_dropped_pct"]["cf1.25"] == [2.0, 3.0, 4.0]
   assert r["per_seed_difference"] == pytest.approx([-0.03, -0.04, -0.05])
   assert r["verdict"] == "agrees" and r["step_ms"] == {"switch": 30.0}
 

@@ -25,7 +25,7 @@ from switchjax import distributed
 from switchjax import train
 from switchjax import validate
 
-from conftest import experiment
+from conftest import experiment, no_cache, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -80,8 +80,8 @@ def test_two_processes_train_like_one(tmp_path):
 
   workdir = str(tmp_path / "run")
   address = f"localhost:{_free_port()}"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(no_cache(os.environ), PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=xla_flags(4))
   command = [sys.executable, "-m", "switchjax.main",
              "--config", os.path.join(ROOT, "experiments", "switch_base.py:tiny"),
              "--workdir", workdir, "--coordinator_address", address,

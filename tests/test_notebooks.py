@@ -9,6 +9,8 @@ import os
 import nbformat
 import pytest
 
+from conftest import FAST_COMPILE
+
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +44,7 @@ def kernel_env(monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   # One CPU device in the kernel, whatever conftest gave this process.
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
 
 
 @pytest.mark.parametrize("name", ["routing.ipynb", "ablations.ipynb",

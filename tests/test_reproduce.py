@@ -97,6 +97,34 @@ def test_report_only_reads_runs_into_findings(tmp_path, capsys):
   assert "specialisation skipped" in capsys.readouterr().out  # no checkpoint
 
 
+def test_dense_2x_trains_only_if_switch_beats_dense(tmp_path, capsys,
+                                                   monkeypatch):
+  from switchjax import sweep
+  from switchjax import train as train_lib
+
+  def must_not_train(config, workdir):
+    raise AssertionError(f"trained {workdir}")
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", must_not_train)
+  wd = str(tmp_path / "repro")
+  final = {"dense": [5.0, 5.1, 5.2], "switch": [5.1, 5.15, 5.2]}
+  reproduce, g = _reproduce_grid(["a"], (0, 1, 2))
+  for cell, config in sweep.prepare(g, None):
+    name, _, seed = cell.name.rpartition("_s")
+    if name in final:
+      _fake_run(os.path.join(wd, cell.name), config,
+                [6.0, 5.5, final[name][int(seed)]])
+  reproduce.main(["--findings", "a", "--workdir", wd])
+  assert "dense_2x not trained" in capsys.readouterr().out
+  with open(os.path.join(wd, "findings.json")) as f:
+    up = json.load(f)["a"]["speedup"]
+  assert up["bound"] == ["upper"] * 3
+  # Dense's curve: 5.5 at 2/3 T, 5.0 at T; Switch's 5.1 is four fifths of
+  # the way down in loss, so in log tokens: T (2/3)^0.2.
+  assert up["tokens"][0] == pytest.approx((2 / 3) ** 0.2)
+  assert up["tokens"][2] == pytest.approx(1.0)  # a tie: at T
+
+
 def test_finding_e_trains_resumably(tmp_path):
   """Real training, shrunken: finding (e)'s encoder-decoder cells."""
   reproduce = script("reproduce")

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import FAST_COMPILE, no_cache
 from switchjax import preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,8 +212,8 @@ def free_port():
 def test_processes_agree_on_the_stop_step(tmp_path, service, sig, mode):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  env = {**os.environ, "JAX_ENABLE_PREEMPTION_SERVICE": service,
-         "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+  env = {**no_cache(os.environ), "JAX_ENABLE_PREEMPTION_SERVICE": service,
+         "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   port = str(free_port())
   procs = [subprocess.Popen([sys.executable, str(script), str(i), port, sig],

@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 from ml_collections import config_flags
+import jax
 import pytest
 
 from switchjax import grid
@@ -242,7 +243,19 @@ def test_rerun_skips_finished_cells(finished_sweep, monkeypatch):
   workdir, rows = finished_sweep
   from switchjax import train
   monkeypatch.setattr(train, "train_and_evaluate", _must_not_train)
-  again = sweep.run(micro_grid(), workdir)
+  # Unless one is set (conftest sets one), the sweep caches compiled
+  # programs in DIR/xla_cache; an explicit one is kept.
+  suite_cache = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", "")
+    again = sweep.run(micro_grid(), workdir)
+    assert jax.config.jax_compilation_cache_dir == os.path.join(
+        workdir, "xla_cache")
+    jax.config.update("jax_compilation_cache_dir", "/elsewhere")
+    sweep.run(micro_grid(), workdir)
+    assert jax.config.jax_compilation_cache_dir == "/elsewhere"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", suite_cache)
   for a, b in zip(rows, again):
     assert a["eval_loss"] == b["eval_loss"] and b["status"] == "done"
 
