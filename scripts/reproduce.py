@@ -19,7 +19,7 @@ Then it writes, in DIR:
   step_times.json  the protocol's step-time benchmark (findings c, d and the
                    throughput line): benchmarks/repro_throughput.py
   timing.jsonl     the wall time of every trained run (the measured total)
-  xla_cache/       compiled steps, so the seeds of a cell compile once
+  xla_cache/       compiled programs that recur (init and eval steps)
 
 The dense runs at 2x the tokens (the speedup of finding a) train after all
 others, and only where Switch beats dense at 1x in some seed: otherwise

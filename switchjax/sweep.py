@@ -15,8 +15,8 @@ Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
 DIR/final_vs_<axis>.png, DIR/expert_load.png, DIR/grid.json,
 DIR/timing.jsonl (seconds each cell trained) and DIR/xla_cache (JAX's
-persistent compilation cache: a program that recurs across cells, as in
-seeds of one cell, compiles once; set JAX_COMPILATION_CACHE_DIR to move it).
+persistent compilation cache: a program that recurs across cells compiles
+once; set JAX_COMPILATION_CACHE_DIR to move it).
 
   python -m switchjax.sweep --config ... --workdir DIR --print_commands
 
@@ -129,8 +129,9 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
   from switchjax import results  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
-    # Cells that differ only in values a step takes at run time (the seed,
-    # the learning rate) compile the same programs: once, into DIR/xla_cache.
+    # Programs that recur across cells (init and eval steps; the train
+    # step of cells that differ only at init) compile once. The seed and
+    # the learning rate are baked into the train step: it compiles per both.
     # Takes effect only if this process has compiled nothing yet.
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(workdir, COMPILATION_CACHE))
