@@ -19,7 +19,8 @@ Then it writes, in DIR:
   step_times.json  the protocol's step-time benchmark (findings c, d and the
                    throughput line): benchmarks/repro_throughput.py
   timing.jsonl     the wall time of every trained run (the measured total)
-  xla_cache/       compiled programs that recur (init and eval steps)
+  xla_cache/       compiled programs that recur (init and eval steps; the
+                   train step across seeds)
 
 The dense runs at 2x the tokens (the speedup of finding a) train after all
 others, and only where Switch beats dense at 1x in some seed: otherwise
@@ -30,6 +31,10 @@ figures), the checked-in report; without it nothing outside DIR changes.
 A partial rerun, e.g. finding (a) with new seeds:
 
   python scripts/reproduce.py --findings a --seeds 3,4,5 --workdir DIR
+
+Runs of seeds beyond --seeds that DIR holds (such a rerun, in the same
+DIR) are analysed again, alone and pooled with --seeds: the report's "On
+other seeds" section and each finding's `replication` in findings.json.
 """
 from __future__ import annotations
 
@@ -106,17 +111,21 @@ def base_config(settings: list[tuple[str, Any]]):
 def make_grid(findings: list[str], seeds: list[int],
               settings: list[tuple[str, Any]], long: bool | None = None):
   """One sweep grid holding every (cell, seed) run of the findings, in
-  order: finding by finding, tier by tier, seed by seed (so early findings
-  finish first), the runs longer than the protocol (dense_2x) after all
-  others. `long`: True keeps only those longer runs, False only the rest."""
+  order: tier by tier, then finding by finding, seed by seed (so every
+  finding can be reported before the later tiers refine it, e.g. (b)'s
+  4 and 16 experts), the runs longer than the protocol (dense_2x) after
+  all others. `long`: True keeps only those longer runs, False the rest."""
   steps = base_config(settings).train.num_steps
   runs = {}
-  for f in findings:
-    for tier in F.FINDINGS[f].tiers:
-      for seed in seeds:
-        for cell in tier:
-          runs.setdefault(F.run_name(cell, seed), {
-              **dict(settings), **F.cell_overrides(cell, steps), "seed": seed})
+  depth = max(len(F.FINDINGS[f].tiers) for f in findings)
+  for level in range(depth):
+    for f in findings:
+      for tier in F.FINDINGS[f].tiers[level:level + 1]:
+        for seed in seeds:
+          for cell in tier:
+            runs.setdefault(F.run_name(cell, seed), {
+                **dict(settings), **F.cell_overrides(cell, steps),
+                "seed": seed})
   is_long = lambda kv: kv[1].get("train.num_steps", steps) > steps
   runs = dict(sorted(runs.items(), key=is_long))  # stable: keeps the order
   if long is not None:
@@ -195,6 +204,39 @@ def analyse(findings: list[str], runs: F.Runs, seeds: list[int],
   return out
 
 
+def other_seeds(workdir: str, seeds: list[int]) -> list[int]:
+  """Seeds of the run directories in workdir (`<cell>_s<seed>`) beyond
+  `seeds`: a replication trained there with --seeds of its own."""
+  found = set()
+  for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+    _, sep, seed = name.rpartition("_s")
+    if sep and seed.isdigit() and os.path.isdir(os.path.join(workdir, name)):
+      found.add(int(seed))
+  return sorted(found - set(seeds))
+
+
+def replicate(args, sweep, bench: dict[str, Any], tokens: float
+              ) -> dict[str, dict]:
+  """Every finding whose runs DIR also holds for two or more other seeds,
+  analysed again on those seeds and on all seeds pooled: whether its
+  verdict holds on seeds it was not made with."""
+  extra = other_seeds(args.workdir, args.seeds)
+  if len(extra) < 2:
+    return {}
+  out = {}
+  for label, seeds in (("other_seeds", extra),
+                       ("all_seeds", sorted(args.seeds + extra))):
+    cells = sweep.prepare(make_grid(args.findings, seeds, args.set), None)
+    found = analyse(args.findings, load_runs(args.workdir, cells), seeds,
+                    bench, tokens)
+    for f, r in found.items():
+      if r["verdict"] != "pending":
+        out.setdefault(f, {})[label] = {k: r[k] for k in (
+            "seeds", "per_seed_difference", "mean_difference",
+            "interval_95", "verdict")}
+  return {f: v for f, v in out.items() if "other_seeds" in v}
+
+
 def _git(*args: str) -> str:
   try:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
@@ -248,6 +290,9 @@ def main(argv=None) -> None:
   base = base_config(args.set)
   tokens = base.train.num_steps * results_lib.tokens_per_step(base)
   results = analyse(args.findings, runs, args.seeds, bench, tokens)
+  for f, again in replicate(args, sweep, bench, tokens).items():
+    if results[f]["verdict"] != "pending":
+      results[f]["replication"] = again
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:
     json.dump(results, f, indent=1)
   command = "python scripts/reproduce.py" + "".join(

@@ -173,6 +173,19 @@ def _speedup(dense: Run, dense_2x: Run, target: Run, tokens: float
   return ratio, "exact" if exact else "lower"
 
 
+def gap_over_training(a: Sequence[Run], b: Sequence[Run]) -> list[dict]:
+  """Paired eval-loss difference a - b at every token count both curves
+  share (each run evaluated at the same steps), with its 95 % interval."""
+  shared = set.intersection(*(set(t for t, _ in r.curve) for r in (*a, *b)))
+  out = []
+  for t in sorted(shared):
+    diffs = [dict(x.curve)[t] - dict(y.curve)[t] for x, y in zip(a, b)]
+    iv = stats.t_interval(diffs)
+    out.append({"tokens": float(t), "per_seed": [float(d) for d in diffs],
+                "mean": iv.mean, "interval_95": [iv.low, iv.high]})
+  return out
+
+
 def analyse_a(runs: Runs, seeds: Sequence[int], tokens: float,
               step_ms: Optional[Mapping[str, float]] = None) -> dict:
   """Switch vs FLOP-matched dense at equal tokens; speedup in tokens and in
@@ -180,6 +193,8 @@ def analyse_a(runs: Runs, seeds: Sequence[int], tokens: float,
   throughput, which a shared machine makes noisy)."""
   out = _pair("a", runs, seeds, "switch", "dense", "eval loss, Switch - dense")
   dense, switch = _get(runs, "dense", seeds), _get(runs, "switch", seeds)
+  # Whether the gap closes as tokens grow: what a longer run would change.
+  out["gap_over_training"] = gap_over_training(switch, dense)
   # Where Switch is no better than dense at 1x the ratio is known (<= 1)
   # without the 2x runs.
   if (not needs_dense_2x(runs, seeds)
@@ -221,10 +236,17 @@ def analyse_b(runs: Runs, seeds: Sequence[int]) -> dict:
     for n in EXPERT_COUNTS:
       _get(runs, expert_cell(n), seeds)
   values = {str(n): _losses(runs, expert_cell(n), seeds) for n in counts}
-  slopes = [slope_per_doubling(counts, [values[str(n)][i] for n in counts])
+  def slopes(ns):
+    return [slope_per_doubling(ns, [values[str(n)][i] for n in ns])
             for i in range(len(seeds))]
-  return record("b", [expert_cell(n) for n in counts], seeds, values, slopes,
-                -1, "slope of eval loss per doubling of experts (1 = dense)")
+  # The sparse counts alone: whether more experts help once a layer is
+  # sparse, apart from what making it sparse costs against dense.
+  sparse = stats.t_interval(slopes([n for n in counts if n > 1]))
+  return record("b", [expert_cell(n) for n in counts], seeds, values,
+                slopes(counts), -1,
+                "slope of eval loss per doubling of experts (1 = dense)",
+                sparse_slope={"mean": sparse.mean,
+                              "interval_95": [sparse.low, sparse.high]})
 
 
 def analyse_c(runs: Runs, seeds: Sequence[int],
@@ -324,7 +346,7 @@ def analyse_g(runs: Runs, seeds: Sequence[int]) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Finding:
   """A claim, its cells and its analysis. `tiers` orders training: every
-  seed of the first tier's cells before any of the next."""
+  seed of every finding's first tier before any finding's next tier."""
   id: str
   claim: str
   tiers: tuple[tuple[str, ...], ...]

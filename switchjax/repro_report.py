@@ -222,6 +222,44 @@ def findings_table(results: dict[str, dict]) -> list[str]:
   return lines
 
 
+def other_seeds_lines(results: dict[str, dict]) -> list[str]:
+  """The findings again on the other seeds the workdir holds, and pooled."""
+  rows = [(f, r) for f, r in results.items() if r.get("replication")]
+  if not rows:
+    return []
+  lines = ["## On other seeds", "",
+           "The same analysis on the other seeds whose runs the workdir "
+           "holds (trained with `--seeds` of their own), and on all seeds "
+           "pooled. A verdict that changes with the seeds is not yet "
+           "evidence at that number of seeds.", "",
+           "| | seeds | per seed | mean difference [95 % interval] | "
+           "verdict |", "|---|---|---|---|---|"]
+  for f, r in rows:
+    again = r["replication"]
+    for name, x in (("made with", r), ("other", again["other_seeds"]),
+                    ("all", again.get("all_seeds"))):
+      if x:
+        lines.append(f"| ({f}) | {name}: {', '.join(map(str, x['seeds']))} | "
+                     f"{_per_seed(x)} | {_interval(x)} | **{x['verdict']}** |")
+  lines.append("")
+  for f, r in rows:
+    pooled = r["replication"].get("all_seeds")
+    if not pooled:
+      continue
+    sd = float(np.std(pooled["per_seed_difference"], ddof=1))
+    n = len(r["seeds"])
+    effect = pooled["mean_difference"]
+    need = stats.seeds_for_half_width(sd, effect)
+    lines.append(
+        f"- ({f}): over all {len(pooled['seeds'])} seeds the per-seed "
+        f"difference has sd {sd:.4f}, so {n} seeds give a half-width of "
+        f"{stats.half_width(sd, n):.4f} against a pooled effect of "
+        f"{effect:+.4f}; a half-width of half the effect, which a "
+        "replication then resolves most of the time, needs "
+        + (f"{need} seeds." if need else "more than 1,000 seeds."))
+  return lines + [""]
+
+
 def _details(results: dict[str, dict], bench: dict) -> list[str]:
   out = []
   a = results.get("a", {})
@@ -245,12 +283,32 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
         f"[{up['wall_clock_interval_95'][0]:.2f}, "
         f"{up['wall_clock_interval_95'][1]:.2f}]. Per seed: "
         + ", ".join(f"{x:.2f}" for x in up["tokens"]) + ".")
+  if a.get("gap_over_training"):
+    out.append("- **Gap over training (a)**: Switch - dense at each eval, "
+               "mean [95 % interval] over seeds: " + "; ".join(
+                   f"{g['tokens'] / 1e6:.2f}M tokens {g['mean']:+.4f} "
+                   f"[{g['interval_95'][0]:+.4f}, {g['interval_95'][1]:+.4f}]"
+                   for g in a["gap_over_training"])
+               + " (midway evals are not annealed).")
   b = results.get("b", {})
   if b.get("values"):
     out.append("- **Experts (b)**: mean eval loss by experts (1 = dense): "
                + ", ".join(f"{n}: {np.mean(v):.4f}"
                            for n, v in b["values"].items())
                + "; the slope is fitted per seed over these counts.")
+    if b.get("sparse_slope"):
+      sp = b["sparse_slope"]
+      out[-1] += (f" Over the sparse counts alone the slope is "
+                  f"{sp['mean']:+.4f} [{sp['interval_95'][0]:+.4f}, "
+                  f"{sp['interval_95'][1]:+.4f}] per doubling.")
+    if b["verdict"] == "inconclusive":
+      bound = max(map(abs, b["interval_95"]))
+      counts = [int(n) for n in b["values"]]
+      doublings = np.log2(max(counts) / min(counts))
+      out[-1] += (f" Inconclusive but bounded: at 95 % the slope is no "
+                  f"steeper than {bound:.4f} nats per doubling either way "
+                  f"({doublings * bound:.3f} from {min(counts)} to "
+                  f"{max(counts)} experts) at this budget.")
   c = results.get("c", {})
   if c.get("dropped_pct"):
     out.append("- **Capacity factor (c)**: train tokens dropped (mean over the "
@@ -358,7 +416,7 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
       "`switchjax/findings.py`.", "",
       "## Verdict rule", "", VERDICT_RULE, "",
       "## Findings", "", *findings_table(results), "", *_details(results, bench),
-      ""]
+      "", *other_seeds_lines(results)]
   for name, fig in drawn.items():
     if fig is not None and name != "specialisation.png":
       lines.append(f"![{name[:-4]}]({figures}/{name})")

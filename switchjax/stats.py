@@ -51,10 +51,8 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
   mean = float(x.mean())
   if x.size == 1:
     return Interval(mean, -math.inf, math.inf, 1, confidence)
-  half = (scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1)
-          * x.std(ddof=1) / math.sqrt(x.size))
-  return Interval(mean, mean - float(half), mean + float(half), int(x.size),
-                  confidence)
+  half = half_width(float(x.std(ddof=1)), int(x.size), confidence)
+  return Interval(mean, mean - half, mean + half, int(x.size), confidence)
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float],
@@ -121,3 +119,25 @@ def speedup(dense_tokens: Sequence[float], dense_losses: Sequence[float],
   if reached is None:
     return float(dense_tokens[-1]) / target_tokens, False
   return reached / target_tokens, True
+
+
+def seeds_for_half_width(sd: float, effect: float, fraction: float = 0.5,
+                         confidence: float = 0.95, most: int = 1000
+                         ) -> Optional[int]:
+  """Fewest seeds n whose t half-width, t(n-1) sd / sqrt(n), is at most
+  `fraction` of |effect|: a replication at n seeds then resolves an effect
+  of that size most of the time (fraction 0.5: the mean two half-widths
+  from zero). None if not within `most` seeds (e.g. a zero effect)."""
+  if sd < 0 or not 0 < fraction or not 0 < confidence < 1:
+    raise ValueError(f"need sd >= 0, fraction > 0, confidence in (0, 1); "
+                     f"got {sd}, {fraction}, {confidence}")
+  for n in range(2, most + 1):
+    if half_width(sd, n, confidence) <= fraction * abs(effect):
+      return n
+  return None
+
+
+def half_width(sd: float, n: int, confidence: float = 0.95) -> float:
+  """The t interval's half-width for n values of standard deviation sd."""
+  return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * sd
+               / math.sqrt(n))

@@ -130,8 +130,8 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     # Programs that recur across cells (init and eval steps; the train
-    # step of cells that differ only at init) compile once. The seed and
-    # the learning rate are baked into the train step: it compiles per both.
+    # step of cells that differ only in the seed or at init) compile once.
+    # The learning rate is baked into the train step: it compiles per rate.
     # Takes effect only if this process has compiled nothing yet.
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(workdir, COMPILATION_CACHE))

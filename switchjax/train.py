@@ -154,6 +154,10 @@ class Trainer:
   # The batch's: leading axis over the 'batch' rule's mesh axes.
   batch_sharding: jax.sharding.NamedSharding = dataclasses.field(
       init=False, repr=False)
+  # The per-step rng streams fold the step into this key. It is an argument
+  # of the compiled step, not a constant in it, so runs that differ only in
+  # the seed share one compilation (the persistent cache of a sweep).
+  base_key: jax.Array = dataclasses.field(init=False, repr=False)
 
   def init_state(self) -> dict[str, Any]:
     init = jax.jit(_init_fn(self.config, self.tx),
@@ -161,16 +165,19 @@ class Trainer:
     return init()
 
   def train_step(self, state, batch):
-    return self._jit_train(state, self.rng_state, batch)
+    return self._jit_train(state, self.rng_state, self.base_key, batch)
 
   def eval_step(self, params, batch):
     return self._jit_eval(params, self.rng_state, batch)
 
   def __post_init__(self):
     c = self.config
-    base_key = jax.random.key(c.seed + 1)
+    rep = partitioning.replicated(self.mesh)
+    # Made under jit: a global array, which a multi-process step accepts.
+    self.base_key = jax.jit(lambda: jax.random.key(c.seed + 1),
+                            out_shardings=rep)()
 
-    def train_step(state, rng_state, batch):
+    def train_step(state, rng_state, base_key, batch):
       return _train_step(state, rng_state, batch, config=c,
                          graphdef=self.train_graphdef, tx=self.tx,
                          base_key=base_key)
@@ -179,14 +186,13 @@ class Trainer:
       return _eval_step(params, rng_state, batch, config=c,
                         graphdef=self.eval_graphdef)
 
-    rep = partitioning.replicated(self.mesh)
     rules = partitioning.rules_from_config(c)
     self.batch_sharding = partitioning.batch_sharding(self.mesh, rules)
     # Traced with the mesh and axis rules in context: the MoE layers read
     # them to place their groups and experts (switchjax/expert_parallel.py).
     self._jit_train = jax.jit(
         partitioning.in_mesh(train_step, self.mesh, rules),
-        in_shardings=(self.state_shardings, rep, self.batch_sharding),
+        in_shardings=(self.state_shardings, rep, rep, self.batch_sharding),
         out_shardings=(self.state_shardings, rep),
         donate_argnums=(0,))
     self._jit_eval = jax.jit(

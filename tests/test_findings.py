@@ -85,6 +85,36 @@ def test_b_uses_dense_as_one_expert():
   assert r["verdict"] == "agrees"
 
 
+def test_b_sparse_slope_leaves_out_dense():
+  # Making a layer sparse costs 0.1 against dense; then each doubling of
+  # the experts gains 0.02, seed 2 gains 0.03 (hand-fitted lines).
+  per_e = {1: 5.0, 2: 5.1, 4: 5.08, 8: 5.06, 16: 5.04, 32: 5.02}
+  runs = _runs({F.expert_cell(n): [v] * 3 for n, v in per_e.items()})
+  for i, n in enumerate((2, 4, 8, 16, 32)):
+    runs[(F.expert_cell(n), 2)] = F.Run(5.1 - 0.03 * i)
+  sp = F.analyse_b(runs, SEEDS)["sparse_slope"]
+  sd = math.sqrt(((0.02 - 0.07 / 3) ** 2 * 2 + (0.03 - 0.07 / 3) ** 2) / 2)
+  half = T_975_DF2 * sd / math.sqrt(3)
+  assert sp["mean"] == pytest.approx(-0.07 / 3)
+  assert sp["interval_95"] == pytest.approx([-0.07 / 3 - half,
+                                             -0.07 / 3 + half])
+
+
+def test_gap_over_training_pairs_evals_at_equal_tokens():
+  runs = _runs({"dense": [5.0] * 3, "switch": [5.1, 5.0, 5.2]})
+  for s, (early, late) in enumerate([(0.3, 0.1), (0.2, 0.0), (0.4, 0.2)]):
+    runs[("dense", s)].curve = [(5e5, 6.0), (1e6, 5.0)]
+    # Switch also evaluated at 7e5, which dense was not: left out.
+    runs[("switch", s)].curve = [(5e5, 6.0 + early), (7e5, 5.5),
+                                 (1e6, 5.0 + late)]
+  gap = F.analyse_a(runs, SEEDS, tokens=1e6)["gap_over_training"]
+  assert [g["tokens"] for g in gap] == [5e5, 1e6]
+  assert gap[0]["per_seed"] == pytest.approx([0.3, 0.2, 0.4])
+  half = T_975_DF2 * 0.1 / math.sqrt(3)
+  assert gap[1]["mean"] == pytest.approx(0.1)
+  assert gap[1]["interval_95"] == pytest.approx([0.1 - half, 0.1 + half])
+
+
 def test_missing_runs_are_named():
   runs = _runs({"dense": [5.0, 5.0, 5.0]})
   with pytest.raises(F.Missing, match="switch_s0"):

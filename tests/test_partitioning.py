@@ -240,11 +240,13 @@ def _train(config, steps=2, devices=None):
   trainer = train.make_trainer(config, devices)
   state = trainer.init_state()
   first = train._global_batch(trainer, batch(config))
-  compiled = trainer._jit_train.lower(state, trainer.rng_state, first).compile()
+  compiled = trainer._jit_train.lower(
+      state, trainer.rng_state, trainer.base_key, first).compile()
   losses = []
   for i in range(steps):
     global_batch = train._global_batch(trainer, batch(config, seed=i))
-    state, metrics = compiled(state, trainer.rng_state, global_batch)
+    state, metrics = compiled(state, trainer.rng_state, trainer.base_key,
+                              global_batch)
     losses.append(float(metrics["loss"]))
   return trainer, state, losses, compiled.as_text()
 

@@ -46,9 +46,12 @@ def _reproduce_grid(findings, seeds, settings=()):
 
 
 def test_grid_orders_runs_and_doubles_dense_2x():
-  _, g = _reproduce_grid(["a", "f"], (0, 1), [("train.num_steps", 100)])
+  _, g = _reproduce_grid(["a", "b", "f"], (0, 1), [("train.num_steps", 100)])
   names = [n for n, _ in g.cells]
   assert names[:4] == ["dense_s0", "switch_s0", "dense_s1", "switch_s1"]
+  assert names[4:8] == ["e2_s0", "e32_s0", "e2_s1", "e32_s1"]
+  # (b)'s second tier after every finding's first: f's stress runs.
+  assert names[-6:-2] == ["e4_s0", "e16_s0", "e4_s1", "e16_s1"]
   assert names[-2:] == ["dense_2x_s0", "dense_2x_s1"]  # the long runs last
   cells = dict(g.cells)
   assert cells["dense_2x_s1"]["train.num_steps"] == 200
@@ -95,6 +98,42 @@ def test_report_only_reads_runs_into_findings(tmp_path, capsys):
   assert "1.41x the tokens" in report
   assert os.path.exists(os.path.join(wd, "loss_vs_tokens.png"))
   assert "specialisation skipped" in capsys.readouterr().out  # no checkpoint
+
+
+def test_other_seeds_in_the_workdir_replicate_the_verdict(tmp_path):
+  """Seeds 0-2 agree; seeds 3, 4 trained there too (a rerun with --seeds
+  3,4) split, so on them (a) is inconclusive, and pooled over 5 too."""
+  from switchjax import sweep
+  wd = str(tmp_path / "repro")
+  dense = [5.0] * 5
+  switch = [4.9, 4.88, 4.86, 4.9, 5.1]  # differences -.1 -.12 -.14 -.1 +.1
+  reproduce, g = _reproduce_grid(["a"], (0, 1, 2, 3, 4))
+  for cell, config in sweep.prepare(g, None):
+    name, _, seed = cell.name.rpartition("_s")
+    if name in ("dense", "switch"):
+      value = {"dense": dense, "switch": switch}[name][int(seed)]
+      _fake_run(os.path.join(wd, cell.name), config, [6.0, value])
+  reproduce.main(["--findings", "a", "--workdir", wd, "--report_only"])
+  with open(os.path.join(wd, "findings.json")) as f:
+    a = json.load(f)["a"]
+  assert a["seeds"] == [0, 1, 2] and a["verdict"] == "agrees"
+  other, pooled = a["replication"]["other_seeds"], a["replication"]["all_seeds"]
+  assert other["seeds"] == [3, 4]
+  assert other["per_seed_difference"] == pytest.approx([-0.1, 0.1])
+  assert other["mean_difference"] == pytest.approx(0.0, abs=1e-9)
+  assert other["verdict"] == "inconclusive"
+  diffs = np.array([-0.1, -0.12, -0.14, -0.1, 0.1])
+  half = 2.7764451051977987 * diffs.std(ddof=1) / np.sqrt(5)  # t(.975, 4)
+  assert pooled["seeds"] == [0, 1, 2, 3, 4]
+  assert pooled["interval_95"] == pytest.approx([diffs.mean() - half,
+                                                 diffs.mean() + half])
+  assert diffs.mean() + half > 0 and pooled["verdict"] == "inconclusive"
+  report = open(os.path.join(wd, "results.md")).read()
+  assert "## On other seeds" in report
+  assert "| (a) | other: 3, 4 | -0.1000, +0.1000 |" in report
+  sd = diffs.std(ddof=1)
+  assert (f"sd {sd:.4f}, so 3 seeds give a half-width of "
+          f"{4.302652729911275 * sd / np.sqrt(3):.4f}") in report
 
 
 def test_dense_2x_trains_only_if_switch_beats_dense(tmp_path, capsys,

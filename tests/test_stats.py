@@ -81,3 +81,13 @@ def test_speedup():
   ratio, exact = stats.speedup(dense_tokens, dense_losses, target_loss=1.0,
                                target_tokens=4.0)
   assert not exact and ratio == pytest.approx(2.0)
+
+
+def test_seeds_for_half_width():
+  # t(.975, 2) = 4.303, t(.975, 3) = 3.182, t(.975, 4) = 2.776:
+  # half-widths for sd 1 at n = 3, 4, 5: 2.484, 1.591, 1.241.
+  assert stats.seeds_for_half_width(1.0, 2.5, fraction=1.0) == 3
+  assert stats.seeds_for_half_width(1.0, 2.4, fraction=1.0) == 4
+  assert stats.seeds_for_half_width(1.0, 2.5) == 5  # 1.241 <= 1.25
+  assert stats.seeds_for_half_width(1.0, 0.0) is None
+  assert stats.seeds_for_half_width(0.0, 0.1) == 2

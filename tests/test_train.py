@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -101,6 +102,32 @@ def test_checkpoint_restores_the_saved_state(tmp_path):
   for k in expected_next:
     np.testing.assert_array_equal(got[k], expected_next[k])
   ckpt.close()
+
+
+def test_seeds_share_one_compiled_train_step():
+  """The seed reaches the step as an input, not a constant in its program,
+  so a sweep's persistent cache compiles the step once for all seeds; and
+  the step does draw from it (jitter and dropout differ by seed)."""
+  from switchjax import data as data_lib
+  trainers = []
+  for seed in (0, 1):
+    c = short(switch_tiny(), steps=1)
+    c.seed = seed
+    trainers.append(train.make_trainer(validate.prepare(c)))
+  t0, t1 = trainers
+  it = data_lib.make_iterator(t0.config, "train",
+                              batch_size=t0.config.train.batch_size)
+  batch = train._global_batch(t0, next(it))
+  state = t0.init_state()
+  texts = [t._jit_train.lower(state, t.rng_state, t.base_key, batch).as_text()
+           for t in trainers]
+  assert texts[0] == texts[1]
+  losses = []
+  for key in (t0.base_key, t1.base_key):  # one program, compiled once
+    fresh = jax.tree.map(jnp.copy, state)  # the step donates its state
+    _, m = t0._jit_train(fresh, t0.rng_state, key, batch)
+    losses.append(float(m["loss"]))
+  assert losses[0] != losses[1]
 
 
 @pytest.mark.parametrize("override,message", [
