@@ -18,7 +18,8 @@ Then it writes, in DIR:
                    specialisation by domain
   step_times.json  the protocol's step-time benchmark (findings c, d and the
                    throughput line): benchmarks/repro_throughput.py
-  timing.jsonl     the wall time of every trained run (the measured total)
+  timing.jsonl     the time of every trained run, and the wall time of runs
+                   trained side by side (--jobs): the measured total
   xla_cache/       compiled programs that recur (init and eval steps; the
                    train step across seeds)
 
@@ -49,6 +50,8 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -56,6 +59,7 @@ sys.path.insert(0, ROOT)
 from switchjax import findings as F
 from switchjax import grid as grid_lib
 from switchjax import results as results_lib
+from switchjax import stats
 
 DOCS = os.path.join(ROOT, "docs")
 PILOT = os.path.join(DOCS, "results", "pilot.md")
@@ -73,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="train nothing; report the runs DIR holds")
   p.add_argument("--publish", action="store_true",
                  help="also write docs/results.md and docs/results/")
+  p.add_argument("--jobs", type=int, default=0,
+                 help="runs trained side by side, each pinned to its own CPU "
+                 "cores; 0 (default): one per core on a CPU-only host, else 1")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config key in every cell, e.g. "
                  "--set train.num_steps=600 (a cheaper protocol)")
@@ -88,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       pass  # a plain string
     settings.append((key, value))
   args.set = settings
+  if args.jobs < 0:
+    p.error(f"--jobs: expected 0 (one per core on a CPU host) or more, got "
+            f"{args.jobs}")
   args.findings = [f for f in args.findings.split(",") if f]
   unknown = [f for f in args.findings if f not in F.FINDINGS]
   if unknown or not args.findings:
@@ -234,7 +244,22 @@ def replicate(args, sweep, bench: dict[str, Any], tokens: float
         out.setdefault(f, {})[label] = {k: r[k] for k in (
             "seeds", "per_seed_difference", "mean_difference",
             "interval_95", "verdict")}
-  return {f: v for f, v in out.items() if "other_seeds" in v}
+  out = {f: v for f, v in out.items() if "other_seeds" in v}
+  for v in out.values():
+    if "all_seeds" in v:
+      v["power"] = replication_power(v["all_seeds"], len(args.seeds))
+  return out
+
+
+def replication_power(pooled: dict[str, Any], n: int) -> dict[str, Any]:
+  """What a rerun on n new seeds would show, if per-seed differences are
+  normal with the pooled mean and sd (switchjax/stats.py)."""
+  sd = float(np.std(pooled["per_seed_difference"], ddof=1))
+  effect = pooled["mean_difference"]
+  return {"sd": sd, "effect": effect, "seeds": n,
+          "half_width": stats.half_width(sd, n),
+          "resolve_probability": stats.resolve_probability(effect, sd, n),
+          "seeds_for_90_percent": stats.seeds_for_replication(effect, sd)}
 
 
 def _git(*args: str) -> str:
@@ -245,19 +270,11 @@ def _git(*args: str) -> str:
     return ""
 
 
-def total_hours(workdir: str) -> float:
-  path = os.path.join(workdir, "timing.jsonl")
-  if not os.path.exists(path):
-    return 0.0
-  with open(path) as f:
-    return sum(json.loads(line)["seconds"] for line in f if line.strip()) / 3600
-
-
 def train_runs(args, grid, cells, sweep) -> None:
   """Trains the protocol-length runs, then the dense_2x runs if the
   speedup needs them (`findings.needs_dense_2x`)."""
   sweep.run(make_grid(args.findings, args.seeds, args.set, long=False),
-            args.workdir)
+            args.workdir, jobs=args.jobs)
   long = make_grid(args.findings, args.seeds, args.set, long=True)
   if not long.cells:
     return
@@ -269,13 +286,26 @@ def train_runs(args, grid, cells, sweep) -> None:
           "every seed, so the speedup is at most 1 without them (read off "
           "the dense eval curve)", flush=True)
     return
-  sweep.run(long, args.workdir)
+  sweep.run(long, args.workdir, jobs=args.jobs)
   sweep.report(grid, args.workdir, cells)  # the table of every run
+
+
+def default_jobs() -> int:
+  """One run per core on a CPU-only host (their startups, compilations and
+  evals overlap: about 1.1x the throughput for 600-step runs on 2 cores,
+  switchjax/cell_pool.py), one at a time on an accelerator."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from switchjax import cell_pool  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    return 1
+  return len(cell_pool.usable_cores())
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
   from switchjax import sweep  # pylint: disable=g-import-not-at-top
+  if args.jobs == 0 and not args.report_only:
+    args.jobs = default_jobs()
   from switchjax import repro_report  # pylint: disable=g-import-not-at-top
   try:
     grid = make_grid(args.findings, args.seeds, args.set)
@@ -305,7 +335,7 @@ def main(argv=None) -> None:
           "date": datetime.date.today().isoformat(),
           "machine": f"{os.cpu_count()} CPU cores "
                      f"({platform.processor() or platform.machine()})",
-          "jax": jax.__version__, "hours": total_hours(args.workdir),
+          "jax": jax.__version__, "hours": sweep.wall_hours(args.workdir),
           "pilot": open(PILOT).read() if os.path.exists(PILOT) else ""}
   report = repro_report.write(args.workdir, results, runs, bench, meta,
                               base)

@@ -10,7 +10,9 @@ What can still go wrong, and what happens:
 
 - a save killed midway leaves `<step>.orbax-checkpoint-tmp*`: moved aside at
   start;
-- files of a finished step truncated or lost (a bad disk, a partial copy):
+- files of a finished step truncated, lost or altered (a bad disk, a partial
+  copy; altered bytes that still decode are caught by the SHA-256 of every
+  file recorded at save, checksums.py):
   `restore_latest` tries the steps newest first and moves a step aside only
   once an older one restored, so a fault that hits every step (a bug, a
   missing device) is raised, not blamed on the checkpoints;
@@ -34,6 +36,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from switchjax import checksums
 from switchjax import faults
 from switchjax import validate
 
@@ -202,6 +205,8 @@ class Checkpointer:
               data=grain.checkpoint.CheckpointSave(data_iterator)),
           force=True)
       self._manager.wait_until_finished()
+      if self._is_main:  # the step is final: every process's files are in
+        checksums.record(os.path.join(self.directory, str(step)))
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore report a full disk in several types.
       raise CheckpointError(
@@ -215,7 +220,11 @@ class Checkpointer:
 
     abstract_state: pytree of jax.ShapeDtypeStruct with the target shardings,
       so a checkpoint written on one mesh lands on another.
+    Raises checksums.ChecksumMismatch if a file changed since the save.
     """
+    why = checksums.mismatch(os.path.join(self.directory, str(step)))
+    if why:
+      raise checksums.ChecksumMismatch(why)
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(

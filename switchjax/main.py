@@ -1,15 +1,19 @@
 r"""Trains a switchjax experiment.
 
   python -m switchjax.main --config experiments/switch_base.py:tiny \
-      --workdir runs/switch_base_tiny [--config.moe.num_experts=16 ...]
+      [--workdir DIR] [--config.moe.num_experts=16 ...]
 
+Without --workdir the run goes to runs/<experiment> (runs/<experiment>-<preset>
+for a preset: runs/switch_base-tiny here), and says so in its first line.
 Run it again with the same --workdir to resume from the newest checkpoint.
+One run per workdir: a second one is refused while the first lives.
 Bad input (flags, config, workdir) and faults during the run (NaN, a full
 disk, unreadable checkpoints) end with one line `error: ...` and exit 1;
 SIGTERM/SIGINT save the current step and exit 0. See docs/robustness.md.
 """
 import ast
 import logging as std_logging
+import os
 import shlex
 import sys
 
@@ -24,11 +28,12 @@ from switchjax import distributed
 config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/switch_base.py:tiny.",
     lock_config=True)
-flags.DEFINE_string("workdir", None, "Where metrics and checkpoints go.")
+flags.DEFINE_string("workdir", None, "Where metrics and checkpoints go; "
+                    "default runs/<experiment>[-<preset>] (from --config).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume although the learning-rate schedule or other safe "
                   "keys (see README) differ from the run in --workdir.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -102,6 +107,15 @@ def _config_arg(argv: list[str]) -> str:
   return "?"
 
 
+def default_workdir(config_arg: str) -> str:
+  """runs/<experiment>, or runs/<experiment>-<preset> for "path:preset"."""
+  path, _, preset = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0] or "run"
+  if preset:
+    name += "-" + preset.replace(os.sep, "_")
+  return os.path.join("runs", name)
+
+
 def _load_config():
   """The parsed config; ml_collections defers config file errors to here."""
   try:
@@ -121,6 +135,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   _quiet_failed_save_echoes(logs=default_logs)
   config = _load_config()
+  workdir = FLAGS.workdir or default_workdir(_config_arg(sys.argv))
   try:
     # Before anything touches a device: multi-process runs join up here.
     distributed.initialize_from_flags()
@@ -131,13 +146,16 @@ def main(argv):
   from switchjax import train  # pylint: disable=g-import-not-at-top
   from switchjax import validate  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  if not FLAGS.workdir and jax.process_index() == 0:
+    print(f"workdir: {workdir} (the default for this config; --workdir DIR "
+          "to choose)", flush=True)
   try:
     summary = train.train_and_evaluate(
-        config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+        config, workdir, allow_config_change=FLAGS.allow_config_change)
   except (validate.ConfigError, faults.RunError) as e:
     _fail(str(e))
   except OSError as e:  # before the loop: truncating metrics, config.json
-    _fail(f"{e.strerror or _last_line(e)}: {e.filename or FLAGS.workdir}")
+    _fail(f"{e.strerror or _last_line(e)}: {e.filename or workdir}")
   except KeyboardInterrupt:  # Ctrl-C twice
     print("error: interrupted without saving; the same command resumes from "
           "the last checkpoint", file=sys.stderr)

@@ -243,19 +243,21 @@ def other_seeds_lines(results: dict[str, dict]) -> list[str]:
                      f"{_per_seed(x)} | {_interval(x)} | **{x['verdict']}** |")
   lines.append("")
   for f, r in rows:
+    power = r["replication"].get("power")
     pooled = r["replication"].get("all_seeds")
-    if not pooled:
+    if not power:
       continue
-    sd = float(np.std(pooled["per_seed_difference"], ddof=1))
-    n = len(r["seeds"])
-    effect = pooled["mean_difference"]
-    need = stats.seeds_for_half_width(sd, effect)
+    side = ("agrees" if np.sign(power["effect"]) == r["paper_sign"]
+            else "disagrees")
+    need = power["seeds_for_90_percent"]
     lines.append(
         f"- ({f}): over all {len(pooled['seeds'])} seeds the per-seed "
-        f"difference has sd {sd:.4f}, so {n} seeds give a half-width of "
-        f"{stats.half_width(sd, n):.4f} against a pooled effect of "
-        f"{effect:+.4f}; a half-width of half the effect, which a "
-        "replication then resolves most of the time, needs "
+        f"difference has mean {power['effect']:+.4f} and sd "
+        f"{power['sd']:.4f}. If per-seed differences are normal with these, "
+        f"a rerun on {power['seeds']} new seeds has a half-width of "
+        f"{power['half_width']:.4f} and gives **{side}** with probability "
+        f"{power['resolve_probability']:.2f} (else, nearly always, "
+        "inconclusive); a 90 % chance needs "
         + (f"{need} seeds." if need else "more than 1,000 seeds."))
   return lines + [""]
 
@@ -400,8 +402,9 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
       "# Reproducing the papers' findings at small scale", "",
       f"Made by `{meta['command']}` on {meta['date']} at commit "
       f"`{meta['commit']}`; {meta['machine']}, JAX {meta['jax']}. Training "
-      f"time of the runs in its workdir (measured, summed over runs and "
-      f"resumes): {meta['hours']:.2f} h.", "",
+      f"time of the runs in its workdir (measured wall time, over runs, "
+      f"resumes and the runs trained side by side): {meta['hours']:.2f} h.",
+      "",
       "## Protocol", "",
       f"`experiments/repro/protocol.py`: a decoder-only Switch language model (d_model "
       f"{base.model.d_model}, {base.model.num_decoder_layers} layers, d_ff "

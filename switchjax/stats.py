@@ -121,18 +121,32 @@ def speedup(dense_tokens: Sequence[float], dense_losses: Sequence[float],
   return reached / target_tokens, True
 
 
-def seeds_for_half_width(sd: float, effect: float, fraction: float = 0.5,
-                         confidence: float = 0.95, most: int = 1000
-                         ) -> Optional[int]:
-  """Fewest seeds n whose t half-width, t(n-1) sd / sqrt(n), is at most
-  `fraction` of |effect|: a replication at n seeds then resolves an effect
-  of that size most of the time (fraction 0.5: the mean two half-widths
-  from zero). None if not within `most` seeds (e.g. a zero effect)."""
-  if sd < 0 or not 0 < fraction or not 0 < confidence < 1:
-    raise ValueError(f"need sd >= 0, fraction > 0, confidence in (0, 1); "
-                     f"got {sd}, {fraction}, {confidence}")
+def resolve_probability(effect: float, sd: float, n: int,
+                        confidence: float = 0.95) -> float:
+  """Chance that n new seeds resolve `effect`: that their t interval
+  excludes zero on effect's side, when per-seed differences are normal
+  with mean effect and standard deviation sd.
+
+  Their t statistic, mean / (s / sqrt(n)), is noncentral t with n - 1
+  degrees of freedom and noncentrality effect sqrt(n) / sd; the interval
+  excludes zero on the positive side when it exceeds t(0.975, n - 1).
+  """
+  if n < 2 or sd < 0:
+    raise ValueError(f"need n >= 2 and sd >= 0, got n={n}, sd={sd}")
+  if sd == 0:
+    return 1.0 if effect else 0.0
+  crit = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)
+  return float(scipy_stats.nct.sf(crit, n - 1, abs(effect) * math.sqrt(n)
+                                  / sd))
+
+
+def seeds_for_replication(effect: float, sd: float, probability: float = 0.9,
+                          confidence: float = 0.95, most: int = 1000
+                          ) -> Optional[int]:
+  """Fewest seeds whose rerun resolves `effect` (see resolve_probability)
+  with at least `probability`; None if not within `most` seeds."""
   for n in range(2, most + 1):
-    if half_width(sd, n, confidence) <= fraction * abs(effect):
+    if resolve_probability(effect, sd, n, confidence) >= probability:
       return n
   return None
 

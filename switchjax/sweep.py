@@ -4,7 +4,9 @@ r"""Runs an ablation grid: one workdir per cell, then a results table and plots.
       --workdir runs/capacity_factor [--config.overrides.train.num_steps=100]
 
 Cells train one after another in this process, each in DIR/<cell> exactly as
-`python -m switchjax.main` would train it. Run the same command again and
+`python -m switchjax.main` would train it; `--jobs N` trains N side by side
+in worker processes, each pinned to its own share of the CPU cores (on a
+CPU host; switchjax/cell_pool.py), each cell's output in DIR/<cell>/train.log. Run the same command again and
 finished cells are skipped, an interrupted one resumes from its newest
 checkpoint, and the table and plots are rebuilt. A cell whose loss becomes
 NaN is recorded as diverged (DIR/<cell>/diverged.json) and not retried;
@@ -14,7 +16,8 @@ in training at a step boundary (saved) and the sweep with it.
 Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
 DIR/final_vs_<axis>.png, DIR/expert_load.png, DIR/grid.json,
-DIR/timing.jsonl (seconds each cell trained) and DIR/xla_cache (JAX's
+DIR/timing.jsonl (seconds each cell trained; with --jobs also the wall time
+of the parallel part) and DIR/xla_cache (JAX's
 persistent compilation cache: a program that recurs across cells compiles
 once; set JAX_COMPILATION_CACHE_DIR to move it).
 
@@ -48,6 +51,9 @@ flags.DEFINE_string("workdir", None, "The sweep's directory; cell i trains "
                     "in DIR/<cell name>.")
 flags.DEFINE_bool("print_commands", False,
                   "Print one training command per cell and exit.")
+flags.DEFINE_integer("jobs", 1, "Cells trained side by side, each in a "
+                     "worker process pinned to its own CPU cores "
+                     "(switchjax/cell_pool.py); 1: one after another here.")
 flags.DEFINE_bool("report_only", False,
                   "Train nothing; build the table and plots from what the "
                   "cells' workdirs hold.")
@@ -123,9 +129,14 @@ def _train(config: ml_collections.ConfigDict, cell_dir: str
   return train.train_and_evaluate(config, cell_dir)
 
 
-def run(grid: ml_collections.ConfigDict, workdir: str, *,
+def run(grid: ml_collections.ConfigDict, workdir: str, *, jobs: int = 1,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Trains every unfinished cell of grid under workdir; returns the rows."""
+  """Trains every unfinished cell of grid under workdir; returns the rows.
+
+  jobs > 1 trains that many cells side by side in worker processes, each
+  pinned to its own CPU cores (cell_pool.py); 1 trains them here.
+  """
+  from switchjax import cell_pool  # pylint: disable=g-import-not-at-top
   from switchjax import results  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
@@ -136,45 +147,92 @@ def run(grid: ml_collections.ConfigDict, workdir: str, *,
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(workdir, COMPILATION_CACHE))
   cells = prepare(grid, workdir)
+  cell_pool.core_shares(jobs)  # a bad --jobs fails before any work
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "grid.json"), "w") as f:
     json.dump(grid.to_dict(), f, indent=1, default=str)
+  todo = []
   for i, (cell, config) in enumerate(cells):
     cell_dir = os.path.join(workdir, cell.name)
     where = f"[{i + 1}/{len(cells)}] {cell.name}"
     if results.diverged(cell_dir):
       log(f"{where}: diverged earlier, skipped (delete {cell_dir} to retry)")
-      continue
-    if results.is_finished(cell_dir, config.train.num_steps):
+    elif results.is_finished(cell_dir, config.train.num_steps):
       log(f"{where}: finished, skipped")
-      continue
+    else:
+      todo.append((where, cell.name, config, cell_dir))
+
+  def done(where: str, name: str, outcome: dict[str, Any]) -> None:
+    if outcome["diverged"]:
+      log(f"{where}: diverged: {outcome['diverged']}")
+    _log_time(workdir, name, outcome["seconds"], outcome["resumed"], jobs)
+
+  if jobs > 1 and len(todo) > 1:
+    start = time.perf_counter()
+    names = {where: name for where, name, _, _ in todo}
+
+    def finished(where: str, outcome: dict[str, Any]) -> None:
+      stopped_by = outcome["summary"].get("preempted")
+      if stopped_by:
+        log(f"{where}: stopped by {stopped_by} after {outcome['seconds']:.0f} "
+            "s, its step saved")
+      elif not outcome["diverged"]:
+        log(f"{where}: {'resumed and ' if outcome['resumed'] else ''}trained "
+            f"in {outcome['seconds']:.0f} s")
+      done(where, names[where], outcome)
+    try:
+      cell_pool.run_parallel([(w, c, d) for w, _, c, d in todo], jobs,
+                             finished, log)
+    finally:  # the wall time: the cells' own times overlap
+      _log_time(workdir, None, time.perf_counter() - start, None, jobs,
+                sweep=grid.name)
+    return report(grid, workdir, cells)
+  for where, name, config, cell_dir in todo:
     resuming = os.path.isdir(os.path.join(cell_dir, "checkpoints"))
     log(f"{where}: {'resuming' if resuming else 'training'} in {cell_dir}")
-    start = time.perf_counter()
-    try:
-      summary = _train(config, cell_dir) or {}
-    except FloatingPointError as e:
-      train_rows, _ = results.read_metrics(cell_dir)
-      results.mark_diverged(cell_dir, str(e),
-                            train_rows[-1]["step"] if train_rows else None)
-      log(f"{where}: diverged: {e}")
-      summary = {}
-    _log_time(workdir, cell.name, time.perf_counter() - start, resuming)
-    jax.clear_caches()  # compiled steps of this cell are not needed again
-    if summary.get("preempted"):
+    outcome = cell_pool.train_cell(config, cell_dir, _train)
+    done(where, name, outcome)
+    if outcome["summary"].get("preempted"):
       # The run saved its step and returned: stop the sweep too, so that
       # a preemption notice ends it; the same command resumes this cell.
-      log(f"{where}: stopped by {summary['preempted']}; the sweep stops "
-          "here, run the same command again to resume")
+      log(f"{where}: stopped by {outcome['summary']['preempted']}; the "
+          "sweep stops here, run the same command again to resume")
       break
   return report(grid, workdir, cells)
 
 
-def _log_time(workdir: str, cell: str, seconds: float, resumed: bool) -> None:
-  """Appends a cell's training time to DIR/timing.jsonl (resumes add lines)."""
+def _log_time(workdir: str, cell: str | None, seconds: float,
+              resumed: bool | None, jobs: int, sweep: str | None = None
+              ) -> None:
+  """Appends a line to DIR/timing.jsonl (resumes add lines).
+
+  A cell's training time, with the jobs it shared the host with; for
+  jobs > 1 also the wall time of the whole parallel sweep (`sweep`), the
+  measured cost of those cells together.
+  """
+  line = ({"sweep": sweep} if sweep else
+          {"cell": cell, "resumed": resumed})
+  line.update(seconds=round(seconds, 1), jobs=jobs)
   with open(os.path.join(workdir, TIMING_FILE), "a") as f:
-    f.write(json.dumps({"cell": cell, "seconds": round(seconds, 1),
-                        "resumed": resumed}) + "\n")
+    f.write(json.dumps(line) + "\n")
+
+
+def wall_hours(workdir: str) -> float:
+  """Hours DIR/timing.jsonl records: one-job cells plus parallel sweeps.
+
+  Lines without "jobs" (written before sweeps ran jobs) are one-job cells.
+  """
+  path = os.path.join(workdir, TIMING_FILE)
+  if not os.path.exists(path):
+    return 0.0
+  total = 0.0
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        if "sweep" in r or r.get("jobs", 1) == 1:
+          total += r["seconds"]
+  return total / 3600
 
 
 def report(grid: ml_collections.ConfigDict, workdir: str,
@@ -230,7 +288,7 @@ def main(argv):
     if FLAGS.report_only:
       rows = report(grid, FLAGS.workdir, prepare(grid, None))
     else:
-      rows = run(grid, FLAGS.workdir)
+      rows = run(grid, FLAGS.workdir, jobs=FLAGS.jobs)
   except (ValueError, faults.RunError) as e:  # one line; a rerun resumes
     sys.exit(f"error: {e}")
   print(results.markdown_table(rows, grid.loss_threshold))

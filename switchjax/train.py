@@ -28,6 +28,7 @@ from switchjax import optim
 from switchjax import partitioning
 from switchjax import preemption
 from switchjax import validate
+from switchjax import workdir_lock
 from switchjax import writers
 
 RNG_STREAMS = ("dropout", "router")
@@ -322,10 +323,15 @@ class _Run:
   stopped_at: Optional[int] = None  # the step a signal stopped the run after
   last_train: dict[str, Any] = dataclasses.field(default_factory=dict)
   last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+  lock: Optional[workdir_lock.WorkdirLock] = None  # process 0's
 
   def close(self, quiet: bool = False) -> None:
-    self.writer.close(quiet=quiet)
-    self.checkpointer.close()
+    try:
+      self.writer.close(quiet=quiet)
+      self.checkpointer.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
 
 
 def _setup_run(config: ml_collections.ConfigDict, workdir: str,
@@ -333,12 +339,25 @@ def _setup_run(config: ml_collections.ConfigDict, workdir: str,
   """Checks config and workdir, builds the trainer, restores or inits the
   state, and opens the data, checkpoints and metrics of a run."""
   config = validate.prepare(config)  # fills vocab_size, checks everything
-  is_main = jax.process_index() == 0
   validate.check_workdir(config, workdir, allow_config_change)
   trainer = make_trainer(config)
   # Checkpoints of another model are refused before anything is written.
   ckpt_lib.check_compatible(workdir, trainer.abstract_state)
   os.makedirs(workdir, exist_ok=True)
+  lock = workdir_lock.acquire_for_run(workdir)  # before anything is written
+  try:
+    return _open_run(config, workdir, trainer, lock)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+
+
+def _open_run(config: ml_collections.ConfigDict, workdir: str,
+              trainer: Trainer, lock: Optional[workdir_lock.WorkdirLock]
+              ) -> _Run:
+  """The run in a workdir this process (or process 0) holds the lock of."""
+  is_main = jax.process_index() == 0
   if is_main:
     validate.write_config(config, workdir)
     print(f"mesh {dict(trainer.mesh.shape)}; {_param_count_line(config)}",
@@ -370,7 +389,8 @@ def _setup_run(config: ml_collections.ConfigDict, workdir: str,
       writer=writer,
       watch=faults.FiniteWatch(config.train.nan_policy,
                                checkpointer.last_good_text),
-      guard=preemption.PreemptionGuard(), start=start, step=start)
+      guard=preemption.PreemptionGuard(), start=start, step=start,
+      lock=lock)
 
 
 class _Throughput:

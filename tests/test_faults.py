@@ -284,6 +284,17 @@ def _truncate_newest(w):
   return "4", 2
 
 
+def _alter_newest_bytes(w):
+  # Same size, one byte different: only the recorded checksums can tell.
+  path = biggest_file(w / "checkpoints" / "4")
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0x01]))
+  return "4", 2
+
+
 def _delete_newest_metadata(w):
   os.remove(w / "checkpoints" / "4" / "state" / "_METADATA")
   return "4", 2
@@ -299,11 +310,15 @@ def _half_written_save(w):
 
 @pytest.mark.parametrize("damage,report", [
     (_truncate_newest, r"checkpoint step 4 is unreadable \(.*\); moved to "),
+    (_alter_newest_bytes, r"checkpoint step 4 is unreadable \(ChecksumMismatch"
+     r": state/.* was altered after it was saved \(SHA-256 differs\)\); "
+     r"moved to "),
     (_delete_newest_metadata,
      r"checkpoint step 4 is unreadable \(.*\); moved to "),
     (_half_written_save, r"checkpoint 6\.orbax-checkpoint-tmp is half-written "
      r"\(a save was interrupted\); moved to "),
-], ids=["truncated-file", "deleted-metadata", "half-written-save"])
+], ids=["truncated-file", "altered-byte", "deleted-metadata",
+        "half-written-save"])
 def test_bad_checkpoint_is_moved_aside_and_the_run_resumes(
     workdir, damage, report, capsys):
   bad, good = damage(workdir)

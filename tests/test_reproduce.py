@@ -25,7 +25,8 @@ def test_bad_arguments_fail_in_one_line(capsys):
   for argv, what in ((["--findings", "a,z"], "--findings"),
                      (["--seeds", "1"], "--seeds"),
                      (["--seeds", "1,x"], "--seeds"),
-                     (["--set", "nokey"], "--set")):
+                     (["--set", "nokey"], "--set"),
+                     (["--jobs", "-1"], "--jobs")):
     with pytest.raises(SystemExit) as e:
       reproduce.main(argv)
     assert e.value.code == 2
@@ -132,8 +133,18 @@ def test_other_seeds_in_the_workdir_replicate_the_verdict(tmp_path):
   assert "## On other seeds" in report
   assert "| (a) | other: 3, 4 | -0.1000, +0.1000 |" in report
   sd = diffs.std(ddof=1)
-  assert (f"sd {sd:.4f}, so 3 seeds give a half-width of "
-          f"{4.302652729911275 * sd / np.sqrt(3):.4f}") in report
+  power = a["replication"]["power"]
+  assert power["sd"] == pytest.approx(sd) and power["seeds"] == 3
+  assert power["effect"] == pytest.approx(diffs.mean())
+  assert power["half_width"] == pytest.approx(4.302652729911275 * sd
+                                              / np.sqrt(3))
+  # A pooled effect of under half its sd: 3 new seeds seldom resolve it.
+  assert 0.025 < power["resolve_probability"] < 0.2
+  assert power["seeds_for_90_percent"] > 20
+  assert (f"mean {diffs.mean():+.4f} and sd {sd:.4f}. If per-seed "
+          "differences are normal with these, a rerun on 3 new seeds has a "
+          f"half-width of {power['half_width']:.4f} and gives **agrees** "
+          f"with probability {power['resolve_probability']:.2f}") in report
 
 
 def test_dense_2x_trains_only_if_switch_beats_dense(tmp_path, capsys,
@@ -165,10 +176,12 @@ def test_dense_2x_trains_only_if_switch_beats_dense(tmp_path, capsys,
 
 
 def test_finding_e_trains_resumably(tmp_path):
-  """Real training, shrunken: finding (e)'s encoder-decoder cells."""
+  """Real training, shrunken: finding (e)'s encoder-decoder cells, two at a
+  time in worker processes (the default on a CPU host with 2 cores)."""
   reproduce = script("reproduce")
   wd = str(tmp_path / "repro")
-  argv = ["--findings", "e", "--seeds", "0,1", "--workdir", wd] + TINY
+  argv = ["--findings", "e", "--seeds", "0,1", "--workdir", wd,
+          "--jobs", "2"] + TINY
   reproduce.main(argv)
   with open(os.path.join(wd, "findings.json")) as f:
     e = json.load(f)["e"]
@@ -180,11 +193,15 @@ def test_finding_e_trains_resumably(tmp_path):
   assert config["moe"]["encoder_router"] == "expert_choice"
   assert config["seed"] == 1 and config["model"]["d_model"] == 32
   with open(os.path.join(wd, "timing.jsonl")) as f:
-    assert len(f.readlines()) == 4
+    timing = [json.loads(line) for line in f]
+  # Four runs and the wall time of the four together.
+  assert [t.get("jobs") for t in timing] == [2] * 5
+  assert sorted(t.get("cell", "") for t in timing) == [
+      "", "ed_ec_s0", "ed_ec_s1", "ed_top2_s0", "ed_top2_s1"]
   # A rerun trains nothing and reports the same numbers.
   reproduce.main(argv)
   with open(os.path.join(wd, "timing.jsonl")) as f:
-    assert len(f.readlines()) == 4
+    assert len(f.readlines()) == 5
   with open(os.path.join(wd, "findings.json")) as f:
     assert json.load(f)["e"]["values"] == e["values"]
 

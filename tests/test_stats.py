@@ -1,6 +1,7 @@
 """The reproduction's statistics on hand-made inputs: intervals, verdicts, speedup."""
 import math
 
+import numpy as np
 import pytest
 
 from switchjax import stats
@@ -83,11 +84,30 @@ def test_speedup():
   assert not exact and ratio == pytest.approx(2.0)
 
 
-def test_seeds_for_half_width():
-  # t(.975, 2) = 4.303, t(.975, 3) = 3.182, t(.975, 4) = 2.776:
-  # half-widths for sd 1 at n = 3, 4, 5: 2.484, 1.591, 1.241.
-  assert stats.seeds_for_half_width(1.0, 2.5, fraction=1.0) == 3
-  assert stats.seeds_for_half_width(1.0, 2.4, fraction=1.0) == 4
-  assert stats.seeds_for_half_width(1.0, 2.5) == 5  # 1.241 <= 1.25
-  assert stats.seeds_for_half_width(1.0, 0.0) is None
-  assert stats.seeds_for_half_width(0.0, 0.1) == 2
+def test_resolve_probability_matches_simulated_reruns():
+  # Independent of the noncentral t: draw many reruns of n seeds with
+  # normal per-seed differences, apply the t interval and count those
+  # that exclude zero on the effect's side.
+  rng = np.random.default_rng(0)
+  for effect, sd, n in ((0.012, 0.008, 3), (0.012, 0.008, 10),
+                        (-0.05, 0.02, 4), (0.0, 1.0, 5)):
+    x = rng.normal(effect, sd, size=(200_000, n))
+    t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(n))
+    crit = {3: 4.3027, 4: 3.1824, 5: 2.7764, 10: 2.2622}[n]
+    simulated = np.mean(t > crit if effect >= 0 else t < -crit)
+    assert stats.resolve_probability(effect, sd, n) == pytest.approx(
+        simulated, abs=0.005), (effect, sd, n)
+  # No effect: only the interval's own 2.5 % on that side.
+  assert stats.resolve_probability(0.0, 1.0, 5) == pytest.approx(0.025)
+  assert stats.resolve_probability(0.1, 0.0, 3) == 1.0
+  with pytest.raises(ValueError, match="n >= 2"):
+    stats.resolve_probability(0.1, 1.0, 1)
+
+
+def test_seeds_for_replication():
+  need = stats.seeds_for_replication(0.012, 0.008, probability=0.9)
+  assert stats.resolve_probability(0.012, 0.008, need) >= 0.9
+  assert stats.resolve_probability(0.012, 0.008, need - 1) < 0.9
+  assert 5 < need < 15  # two sd-widths of effect: a handful of seeds
+  assert stats.seeds_for_replication(0.0, 1.0) is None
+  assert stats.seeds_for_replication(0.1, 0.0) == 2

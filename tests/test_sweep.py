@@ -5,8 +5,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -388,3 +390,102 @@ def test_cli_bad_key_exits_with_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: grid 'micro' cell 'expertz=1': unknown config key 'moe.expertz'")
   assert not os.path.exists(tmp_path / "w")
+
+
+# ---------------------------------------------------------------------------
+# Cells side by side (--jobs).
+
+
+def test_cells_side_by_side_train_as_one_after_another(finished_sweep,
+                                                       tmp_path):
+  _, rows = finished_sweep
+  workdir = str(tmp_path / "micro")
+  again = sweep.run(micro_grid(), workdir, jobs=2)
+  assert [r["cell"] for r in again] == ["cf1.0", "dense"]
+  for a, b in zip(rows, again):
+    assert b["status"] == "done"
+    # One core per worker instead of the suite's threads: the same
+    # program, so equal up to the order of float32 sums.
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    log = open(os.path.join(workdir, b["cell"], "train.log")).read()
+    assert "parameters:" in log  # the worker's output went to the cell
+  lines = read_jsonl(os.path.join(workdir, "timing.jsonl"))
+  cells = [l for l in lines if "cell" in l]
+  walls = [l for l in lines if "sweep" in l]
+  assert sorted(l["cell"] for l in cells) == ["cf1.0", "dense"]
+  assert all(l["jobs"] == 2 and not l["resumed"] for l in cells)
+  assert [w["sweep"] for w in walls] == ["micro"] and walls[0]["jobs"] == 2
+  # The measured total is the wall time, not the overlapping cell times.
+  assert sweep.wall_hours(workdir) == pytest.approx(walls[0]["seconds"] / 3600)
+  assert walls[0]["seconds"] < sum(l["seconds"] for l in cells) + 60
+
+
+def test_wall_hours_counts_one_job_cells_and_parallel_sweeps(tmp_path):
+  lines = [{"cell": "a", "seconds": 3600, "resumed": False},  # before jobs
+           {"cell": "b", "seconds": 1800, "resumed": True, "jobs": 1},
+           {"cell": "c", "seconds": 7200, "resumed": False, "jobs": 2},
+           {"cell": "d", "seconds": 7200, "resumed": False, "jobs": 2},
+           {"sweep": "g", "seconds": 9000, "jobs": 2}]
+  with open(tmp_path / "timing.jsonl", "w") as f:
+    f.writelines(json.dumps(l) + "\n" for l in lines)
+  assert sweep.wall_hours(str(tmp_path)) == pytest.approx(1 + 0.5 + 2.5)
+  assert sweep.wall_hours(str(tmp_path / "none")) == 0.0
+
+
+def test_too_many_jobs_refused_before_any_work(tmp_path):
+  from switchjax import cell_pool
+  cores = len(cell_pool.usable_cores())
+  with pytest.raises(ValueError, match=rf"--jobs {cores + 1}: expected 1 to "
+                     rf"{cores}, the CPU cores"):
+    sweep.run(micro_grid(), str(tmp_path / "w"), jobs=cores + 1)
+  assert not os.path.exists(tmp_path / "w")
+  assert cell_pool.core_shares(1) == [cell_pool.usable_cores()]
+
+
+def test_core_shares_are_disjoint_and_cover_the_cores(monkeypatch):
+  from switchjax import cell_pool
+  monkeypatch.setattr(cell_pool, "usable_cores", lambda: [0, 1, 2, 3, 5])
+  assert cell_pool.core_shares(2) == [[0, 1], [2, 3, 5]]
+  assert cell_pool.core_shares(5) == [[0], [1], [2], [3], [5]]
+  with pytest.raises(ValueError, match="--jobs 0: expected 1 to 5"):
+    cell_pool.core_shares(0)
+
+
+def test_sigterm_stops_every_worker_and_starts_no_other_cell(tmp_path):
+  path = tmp_path / "micro_grid.py"
+  path.write_text(MICRO_GRID)
+  workdir = tmp_path / "w"
+  # Four cells, two workers: the pool has handed the next cells out already.
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "switchjax.sweep",
+       f"--config={path}:cf1.0,cf2.0,cf4.0", f"--workdir={workdir}",
+       "--jobs=2", "--config.overrides.train.num_steps=100000",
+       "--config.overrides.train.eval_every=100000"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = [workdir / c / "metrics.jsonl" for c in ("cf1.0", "cf2.0")]
+  try:
+    deadline = time.time() + 240
+    while not all(p.exists() and p.read_text().count("\n") >= 2
+                  for p in metrics):
+      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out
+  assert "SIGTERM: the cells in training save their step and stop" in out
+  for p in metrics:
+    steps = [json.loads(l)["step"] for l in p.read_text().splitlines()]
+    # Stopped early, and saved the step it stopped at: a rerun resumes there.
+    assert 2 <= steps[-1] < 100000
+    saved = os.listdir(p.parent / "checkpoints")
+    assert str(steps[-1]) in saved, (steps[-1], saved)
+    assert "stopped by SIGTERM" in (p.parent / "train.log").read_text()
+    assert f"{p.parent.name}: stopped by SIGTERM after" in out
+  for cell in ("cf4.0", "dense"):
+    assert not (workdir / cell / "metrics.jsonl").exists(), cell
+  lines = read_jsonl(str(workdir / "timing.jsonl"))
+  assert [l["sweep"] for l in lines if "sweep" in l] == ["micro"]
+  assert sorted(l["cell"] for l in lines if "cell" in l) == ["cf1.0", "cf2.0"]
