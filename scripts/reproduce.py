@@ -34,8 +34,10 @@ A partial rerun, e.g. finding (a) with new seeds:
   python scripts/reproduce.py --findings a --seeds 3,4,5 --workdir DIR
 
 Runs of seeds beyond --seeds that DIR holds (such a rerun, in the same
-DIR) are analysed again, alone and pooled with --seeds: the report's "On
-other seeds" section and each finding's `replication` in findings.json.
+DIR) are analysed again, alone and pooled with --seeds. The pooled
+analysis is then the finding's verdict (findings.json and the table: the
+most seeds there are); the --seeds one, the other seeds' and the power of a
+3-seed rerun are in its `replication` and the report's "On other seeds".
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ from switchjax import stats
 DOCS = os.path.join(ROOT, "docs")
 PILOT = os.path.join(DOCS, "results", "pilot.md")
 PUBLISHED = ("findings.json", "step_times.json", "specialisation.json")
+# A finding's verdict and what it rests on (findings.record).
+VERDICT_KEYS = ("seeds", "values", "per_seed_difference", "mean_difference",
+                "interval_95", "verdict")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -241,9 +246,7 @@ def replicate(args, sweep, bench: dict[str, Any], tokens: float
                     bench, tokens)
     for f, r in found.items():
       if r["verdict"] != "pending":
-        out.setdefault(f, {})[label] = {k: r[k] for k in (
-            "seeds", "per_seed_difference", "mean_difference",
-            "interval_95", "verdict")}
+        out.setdefault(f, {})[label] = {k: r[k] for k in VERDICT_KEYS}
   out = {f: v for f, v in out.items() if "other_seeds" in v}
   for v in out.values():
     if "all_seeds" in v:
@@ -323,6 +326,11 @@ def main(argv=None) -> None:
   for f, again in replicate(args, sweep, bench, tokens).items():
     if results[f]["verdict"] != "pending":
       results[f]["replication"] = again
+      if "all_seeds" in again:
+        # The headline verdict rests on every seed there is; what --seeds
+        # alone gave stays beside the others.
+        again["made_with"] = {k: results[f][k] for k in VERDICT_KEYS}
+        results[f].update(again["all_seeds"])
   with open(os.path.join(args.workdir, "findings.json"), "w") as f:
     json.dump(results, f, indent=1)
   command = "python scripts/reproduce.py" + "".join(

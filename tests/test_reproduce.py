@@ -103,7 +103,8 @@ def test_report_only_reads_runs_into_findings(tmp_path, capsys):
 
 def test_other_seeds_in_the_workdir_replicate_the_verdict(tmp_path):
   """Seeds 0-2 agree; seeds 3, 4 trained there too (a rerun with --seeds
-  3,4) split, so on them (a) is inconclusive, and pooled over 5 too."""
+  3,4) split, so on them (a) is inconclusive, and pooled over 5 too: the
+  verdict the finding then reports."""
   from switchjax import sweep
   wd = str(tmp_path / "repro")
   dense = [5.0] * 5
@@ -117,8 +118,14 @@ def test_other_seeds_in_the_workdir_replicate_the_verdict(tmp_path):
   reproduce.main(["--findings", "a", "--workdir", wd, "--report_only"])
   with open(os.path.join(wd, "findings.json")) as f:
     a = json.load(f)["a"]
-  assert a["seeds"] == [0, 1, 2] and a["verdict"] == "agrees"
+  made = a["replication"]["made_with"]
+  assert made["seeds"] == [0, 1, 2] and made["verdict"] == "agrees"
+  assert made["per_seed_difference"] == pytest.approx([-0.1, -0.12, -0.14])
   other, pooled = a["replication"]["other_seeds"], a["replication"]["all_seeds"]
+  # The headline is the verdict on every seed the workdir holds.
+  for k in ("seeds", "values", "per_seed_difference", "mean_difference",
+            "interval_95", "verdict"):
+    assert a[k] == pooled[k], k
   assert other["seeds"] == [3, 4]
   assert other["per_seed_difference"] == pytest.approx([-0.1, 0.1])
   assert other["mean_difference"] == pytest.approx(0.0, abs=1e-9)
@@ -132,6 +139,8 @@ def test_other_seeds_in_the_workdir_replicate_the_verdict(tmp_path):
   report = open(os.path.join(wd, "results.md")).read()
   assert "## On other seeds" in report
   assert "| (a) | other: 3, 4 | -0.1000, +0.1000 |" in report
+  assert "| (a) | made with: 0, 1, 2 | -0.1000, -0.1200, -0.1400 |" in report
+  assert "(seeds 0, 1, 2, 3, 4) |" in report  # the findings table's row
   sd = diffs.std(ddof=1)
   power = a["replication"]["power"]
   assert power["sd"] == pytest.approx(sd) and power["seeds"] == 3

@@ -109,51 +109,40 @@ def reference(tmp_path_factory, env):
   return rows
 
 
-def test_without_workdir_a_run_goes_to_runs_experiment_preset(tmp_path, env,
-                                                              reference):
-  # The reference run's config (its compiled steps are in the shared cache).
-  args = command("unused", **{"train.num_steps": STEPS,
-                              "train.checkpoint_every": 4})
+def test_one_run_per_workdir_default_workdir_and_the_first_finishes(
+    tmp_path, env):
+  """Without --workdir a run goes to runs/<experiment>-<preset>; a second
+  run there is refused while the first lives; the first finishes intact
+  and the same command resumes there."""
+  args = command("unused", **{"train.num_steps": 100000,
+                              "train.checkpoint_every": 100000})
   i = args.index("--workdir")
   del args[i:i + 2]
   args[args.index("experiments/switch_base.py:tiny")] = os.path.join(
       ROOT, "experiments", "switch_base.py:tiny")
-  for again in (False, True):  # the same command resumes there
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert lines[0] == ("workdir: runs/switch_base-tiny (the default for this "
-                        "config; --workdir DIR to choose)")
-    assert ("resumed from" in out.stdout) == again
   workdir = tmp_path / "runs" / "switch_base-tiny"
-  assert last_step(workdir) == STEPS and (workdir / "config.json").exists()
-  assert os.listdir(tmp_path) == ["runs"]
-
-
-def test_second_run_on_a_workdir_is_refused_and_the_first_finishes(
-    tmp_path, env):
-  workdir = tmp_path / "w"
-  cmd = command(workdir, **{"train.num_steps": 100000,
-                            "train.checkpoint_every": 100000})
-  first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+  first = subprocess.Popen(args, cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
   try:
     wait_until(lambda: last_step(workdir) >= 2, first)
     config = (workdir / "config.json").read_bytes()
-    second = run(cmd, env)
+    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert first.poll() is None, "the first run ended too soon to test"
     seen = last_step(workdir)
   finally:
     first.send_signal(signal.SIGTERM)
     stdout, _ = first.communicate(timeout=300)
+  assert stdout.splitlines()[0] == ("workdir: runs/switch_base-tiny (the "
+                                    "default for this config; --workdir DIR "
+                                    "to choose)")
   assert second.returncode == 1
   assert re.fullmatch(
-      rf"error: --workdir {re.escape(str(workdir))} is in use by pid "
+      r"error: --workdir runs/switch_base-tiny is in use by pid "
       rf"{first.pid} on {re.escape(socket.gethostname())} \(since [0-9: -]+ "
       r"UTC\): one run per workdir \(wait for it, stop it, or use another "
       r"workdir\)", second.stderr.strip().splitlines()[-1]), second.stderr
-  assert second.stdout == ""
   # The second touched nothing: the first kept logging every step, saved
   # where it stopped, and released the workdir.
   assert first.returncode == 0, stdout
@@ -162,6 +151,14 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_finishes(
   assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= seen
   assert (workdir / "checkpoints" / str(steps[-1])).is_dir()
   assert not (workdir / "run.lock").exists()
+  assert os.listdir(tmp_path) == ["runs"]
+  # The same command again (ending where it stopped) resumes there.
+  again = subprocess.run(args + [f"--config.train.num_steps={steps[-1]}"],
+                         cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from {workdir / 'checkpoints'} at step {steps[-1]}" in (
+      again.stdout)
 
 
 def test_sigterm_then_sigkill_resume_exactly(tmp_path, reference, env):

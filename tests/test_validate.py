@@ -392,17 +392,13 @@ def test_flatten_matches_the_hand_written_walk():
 # --- Through the command line: one line, exit 1, nothing on disk. ---
 
 CLI = [
-    # The twelve that once ended in tracebacks or wrote files.
+    # Of the twelve that once ended in tracebacks or wrote files, one of
+    # each kind (an int range, a float range, a choice, two keys together);
+    # the rest take the same path and are checked in-process above
+    # (test_hand_written_bad_values), a JAX start-up cheaper each.
     ("model.d_model=0", r"model\.d_model must be an int >= 1, got 0"),
-    ("model.num_heads=0", r"model\.num_heads must be"),
-    ("model.dropout_rate=1.5", r"model\.dropout_rate must be"),
-    ("model.dtype=float8", r"model\.dtype must be one of"),
     ("moe.router_jitter=2", r"moe\.router_jitter must be .*, got 2\.0"),
-    ("moe.expert_dropout=1.0", r"moe\.expert_dropout must be"),
-    ("data.inputs_length=0", r"data\.inputs_length must be"),
-    ("data.noise_density=1.5", r"data\.noise_density must be"),
-    ("train.learning_rate=-1", r"train\.learning_rate must be"),
-    ("train.optimizer=sgd", r"train\.optimizer must be one of"),
+    ("model.dtype=float8", r"model\.dtype must be one of"),
     ("train.schedule=cosine --config.train.warmup_steps=300",
      r"train\.schedule='cosine' needs"),
     # Values ml_collections parses (nan) or refuses at parse time.
