@@ -140,12 +140,12 @@ def _work(config: ml_collections.ConfigDict, cell_dir: str
 
 def run_parallel(todo: list[tuple[str, ml_collections.ConfigDict, str]],
                  jobs: int, on_done: Callable[[str, dict[str, Any]], None],
-                 log: Callable[[str], None] = print) -> bool:
+                 log: Callable[[str], None] = print) -> None:
   """Trains todo's (name, config, cell_dir) in `jobs` pinned workers.
 
   Cells start in todo's order; on_done(name, outcome) runs in this process
-  as each one ends. Returns False if a signal or a preempted cell stopped
-  the work early (what was not started stays untrained).
+  as each one ends. A signal or a preempted cell stops the work early: what
+  was not started stays untrained.
   """
   import jax  # pylint: disable=g-import-not-at-top
   shares = core_shares(jobs)
@@ -194,4 +194,3 @@ def run_parallel(todo: list[tuple[str, ml_collections.ConfigDict, str]],
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-  return not stopped
