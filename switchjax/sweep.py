@@ -6,12 +6,13 @@ r"""Runs an ablation grid: one workdir per cell, then a results table and plots.
 Cells train one after another in this process, each in DIR/<cell> exactly as
 `python -m switchjax.main` would train it; `--jobs N` trains N side by side
 in worker processes, each pinned to its own share of the CPU cores (on a
-CPU host; switchjax/cell_pool.py), each cell's output in DIR/<cell>/train.log. Run the same command again and
-finished cells are skipped, an interrupted one resumes from its newest
-checkpoint, and the table and plots are rebuilt. A cell whose loss becomes
+CPU host; switchjax/cell_pool.py), each cell's output in
+DIR/<cell>/train.log. Run the same command again and finished cells are
+skipped, an interrupted one resumes from its newest checkpoint, and the
+table and plots are rebuilt. A cell whose loss becomes
 NaN is recorded as diverged (DIR/<cell>/diverged.json) and not retried;
-delete its directory to train it again. SIGTERM or Ctrl-C stops the cell
-in training at a step boundary (saved) and the sweep with it.
+delete its directory to train it again. SIGTERM or Ctrl-C stops the cells
+in training at a step boundary (saved) and the sweep with them.
 
 Writes DIR/results.csv, DIR/results.md, DIR/curves.csv,
 DIR/expert_load.json (see results.py), DIR/loss_curves.png,
