@@ -62,7 +62,8 @@ def step_flops(c) -> float:
   for i in range(m.num_decoder_layers):
     fwd += tokens * (4 * 2 * m.d_model * inner + 2 * 2 * length * inner)
     ffn = tokens * mats * 2 * m.d_model * m.d_ff
-    if model_lib.is_sparse_layer(i, e.num_experts, e.sparse_every):
+    if model_lib.is_sparse_layer(i, e.num_experts, e.sparse_every,
+                                 e.sparse_offset):
       k = 2 if e.router == "gshard" else e.num_selected
       # The experts compute every slot of their buffers: cf x K x tokens.
       ffn = ffn * k * e.train_capacity_factor + tokens * 2 * m.d_model * e.num_experts

@@ -111,7 +111,8 @@ def model_flops(c: ml_collections.ConfigDict) -> float:
 
   def ffn(stack: str, layer: int) -> float:  # per token
     dense = ffn_mats * 2 * m.d_model * m.d_ff
-    if not model_lib.is_sparse_layer(layer, e.num_experts, e.sparse_every):
+    if not model_lib.is_sparse_layer(layer, e.num_experts, e.sparse_every,
+                                     e.sparse_offset):
       return dense
     router = model_lib.stack_router(e, stack)
     k = {"switch": 1, "gshard": 2, "expert_choice": e.train_capacity_factor

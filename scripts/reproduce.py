@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trains the reproduction's cells and reports the seven findings.
+"""Trains the reproduction's cells and reports the eight findings.
 
   python scripts/reproduce.py [--findings a,b,...] [--seeds 0,1,2]
                               [--workdir runs/reproduce] [--report_only]
@@ -123,13 +123,21 @@ def base_config(settings: list[tuple[str, Any]]):
   return grid_lib.apply_overrides(base, dict(settings), "--set")
 
 
+# make_grid's phases, trained in this order: the protocol-length runs, the
+# runs that start from one of them (finding h), the longer runs (dense_2x).
+PHASES = ("protocol", "started", "long")
+
+
 def make_grid(findings: list[str], seeds: list[int],
-              settings: list[tuple[str, Any]], long: bool | None = None):
+              settings: list[tuple[str, Any]], phase: str | None = None,
+              workdir: str = ""):
   """One sweep grid holding every (cell, seed) run of the findings, in
   order: tier by tier, then finding by finding, seed by seed (so every
   finding can be reported before the later tiers refine it, e.g. (b)'s
-  4 and 16 experts), the runs longer than the protocol (dense_2x) after
-  all others. `long`: True keeps only those longer runs, False the rest."""
+  4 and 16 experts), the runs that start from another run's weights after
+  those, and the runs longer than the protocol (dense_2x) after all others.
+  `phase` (one of PHASES) keeps only its runs; `workdir` is where the
+  started runs find their sources."""
   steps = base_config(settings).train.num_steps
   runs = {}
   depth = max(len(F.FINDINGS[f].tiers) for f in findings)
@@ -139,12 +147,20 @@ def make_grid(findings: list[str], seeds: list[int],
         for seed in seeds:
           for cell in tier:
             runs.setdefault(F.run_name(cell, seed), {
-                **dict(settings), **F.cell_overrides(cell, steps),
+                **dict(settings),
+                **F.cell_overrides(cell, steps, seed, workdir),
                 "seed": seed})
-  is_long = lambda kv: kv[1].get("train.num_steps", steps) > steps
-  runs = dict(sorted(runs.items(), key=is_long))  # stable: keeps the order
-  if long is not None:
-    runs = {k: v for k, v in runs.items() if is_long((k, v)) == long}
+
+  def phase_of(kv) -> int:
+    if kv[1].get("train.num_steps", steps) > steps:
+      return PHASES.index("long")
+    started = any(kv[1].get(k) for k in F.STARTS.values())
+    return PHASES.index("started" if started else "protocol")
+
+  runs = dict(sorted(runs.items(), key=phase_of))  # stable: keeps the order
+  if phase is not None:
+    runs = {k: v for k, v in runs.items()
+            if phase_of((k, v)) == PHASES.index(phase)}
   g = grid_lib.base_grid("reproduce", F.EXPERIMENT, F.PRESET)
   g.description = "The reproduction's runs (switchjax/findings.py)."
   g.cells = grid_lib.variants(**runs)
@@ -241,7 +257,8 @@ def replicate(args, sweep, bench: dict[str, Any], tokens: float
   out = {}
   for label, seeds in (("other_seeds", extra),
                        ("all_seeds", sorted(args.seeds + extra))):
-    cells = sweep.prepare(make_grid(args.findings, seeds, args.set), None)
+    cells = sweep.prepare(make_grid(args.findings, seeds, args.set,
+                                    workdir=args.workdir), None)
     found = analyse(args.findings, load_runs(args.workdir, cells), seeds,
                     bench, tokens)
     for f, r in found.items():
@@ -276,9 +293,20 @@ def _git(*args: str) -> str:
 def train_runs(args, grid, cells, sweep) -> None:
   """Trains the protocol-length runs, then the dense_2x runs if the
   speedup needs them (`findings.needs_dense_2x`)."""
-  sweep.run(make_grid(args.findings, args.seeds, args.set, long=False),
-            args.workdir, jobs=args.jobs)
-  long = make_grid(args.findings, args.seeds, args.set, long=True)
+  protocol = make_grid(args.findings, args.seeds, args.set, "protocol",
+                       args.workdir)
+  sweep.run(protocol, args.workdir, jobs=args.jobs)
+  started = make_grid(args.findings, args.seeds, args.set, "started",
+                      args.workdir)
+  if started.cells:
+    # They read their sources' weights: every protocol run must have
+    # finished (not stopped early by a signal; the same command resumes).
+    runs = load_runs(args.workdir, cells)
+    names = [name.rpartition("_s") for name, _ in protocol.cells]
+    if not all((cell, int(seed)) in runs for cell, _, seed in names):
+      return
+    sweep.run(started, args.workdir, jobs=args.jobs)
+  long = make_grid(args.findings, args.seeds, args.set, "long", args.workdir)
   if not long.cells:
     return
   runs = load_runs(args.workdir, cells)
@@ -311,7 +339,8 @@ def main(argv=None) -> None:
     args.jobs = default_jobs()
   from switchjax import repro_report  # pylint: disable=g-import-not-at-top
   try:
-    grid = make_grid(args.findings, args.seeds, args.set)
+    grid = make_grid(args.findings, args.seeds, args.set,
+                     workdir=args.workdir)
     cells = sweep.prepare(grid, None if args.report_only else args.workdir)
     if not args.report_only:
       train_runs(args, grid, cells, sweep)
@@ -349,16 +378,61 @@ def main(argv=None) -> None:
                               base)
   print(f"wrote {report} and {os.path.join(args.workdir, 'findings.json')}")
   if args.publish:
-    out_dir = os.path.join(DOCS, "results")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in repro_report.FIGURES + PUBLISHED:
-      if os.path.exists(os.path.join(args.workdir, name)):
-        shutil.copyfile(os.path.join(args.workdir, name),
-                        os.path.join(out_dir, name))
-    repro_report.write(args.workdir, results, runs, bench, meta, base,
-                       path=os.path.join(DOCS, "results.md"),
-                       figures="results")
-    print(f"published {os.path.join(DOCS, 'results.md')} and {out_dir}/")
+    publish(args, results, runs, bench, meta, base)
+
+
+def publish(args, results, runs, bench, meta, base) -> None:
+  """docs/results.md and docs/results/ from this workdir; the published
+  findings it did not make (a rerun of some findings) stay as they were,
+  with the figures and step times drawn from their runs."""
+  from switchjax import repro_report  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(DOCS, "results")
+  os.makedirs(out_dir, exist_ok=True)
+  published = {}
+  if os.path.exists(os.path.join(out_dir, "findings.json")):
+    with open(os.path.join(out_dir, "findings.json")) as f:
+      published = json.load(f)
+  kept = [f for f in F.FINDINGS if f in published and f not in results]
+  for name in PUBLISHED + repro_report.FIGURES:
+    finding = repro_report.FIGURE_FINDING.get(name)
+    if (name == "findings.json" or (finding in kept)
+        or not os.path.exists(os.path.join(args.workdir, name))):
+      continue
+    shutil.copyfile(os.path.join(args.workdir, name),
+                    os.path.join(out_dir, name))
+  if kept:
+    results = {f: results.get(f, published.get(f)) for f in F.FINDINGS
+               if f in results or f in published}
+    if not bench and os.path.exists(os.path.join(out_dir, "step_times.json")):
+      with open(os.path.join(out_dir, "step_times.json")) as f:
+        bench = json.load(f)
+    spec = os.path.join(out_dir, "specialisation.json")
+    if "a" in kept and os.path.exists(spec):
+      shutil.copyfile(spec, os.path.join(args.workdir, "specialisation.json"))
+    meta = dict(meta, kept=(
+        f"Findings {', '.join(f'({f})' for f in kept)} are as published "
+        f"before (docs/results/findings.json: {_made_by()}); their runs "
+        "are not in this workdir."))
+  with open(os.path.join(out_dir, "findings.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  figures = [n for n in repro_report.FIGURES
+             if os.path.exists(os.path.join(out_dir, n))]
+  repro_report.write(args.workdir, results, runs, bench, meta, base,
+                     path=os.path.join(DOCS, "results.md"),
+                     figures="results", figure_names=figures)
+  print(f"published {os.path.join(DOCS, 'results.md')} and {out_dir}/")
+
+
+def _made_by() -> str:
+  """The published report's "made by" sentence (its command and commit)."""
+  path = os.path.join(DOCS, "results.md")
+  if not os.path.exists(path):
+    return "an earlier run"
+  with open(path) as f:
+    for line in f:
+      if line.startswith("Made by"):
+        return line.split(";")[0].strip().removeprefix("Made by ")
+  return "an earlier run"
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class CheckpointError(faults.RunError):
   """No checkpoint could be restored, or one could not be saved."""
 
 
+class WeightsOnly(CheckpointError):
+  """A step written without a data position (converted weights): never moved aside."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -197,13 +201,16 @@ class Checkpointer:
     return faults.last_checkpoint_text(self.latest_step(), self.directory)
 
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    """Saves `state` and, unless None, the data iterator's position.
+
+    A step saved without the iterator (converted weights) restores with
+    `data_iterator=None` only; training resumes need it.
+    """
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     try:
-      self._manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              data=grain.checkpoint.CheckpointSave(data_iterator)),
-          force=True)
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
       self._manager.wait_until_finished()
       if self._is_main:  # the step is final: every process's files are in
         checksums.record(os.path.join(self.directory, str(step)))
@@ -220,16 +227,22 @@ class Checkpointer:
 
     abstract_state: pytree of jax.ShapeDtypeStruct with the target shardings,
       so a checkpoint written on one mesh lands on another.
+    data_iterator: None restores the state alone (tools that only read
+      the weights, and weights-only steps).
     Raises checksums.ChecksumMismatch if a file changed since the save.
     """
     why = checksums.mismatch(os.path.join(self.directory, str(step)))
     if why:
       raise checksums.ChecksumMismatch(why)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        raise WeightsOnly(
+            f"checkpoint step {step} in {self.directory} holds weights only "
+            "(no data position): start a run from it with "
+            "--config.train.init_from, it cannot be resumed")
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any,
@@ -243,6 +256,8 @@ class Checkpointer:
     for step in sorted(self.all_steps(), reverse=True):
       try:
         state = self.restore(step, abstract_state, data_iterator)
+      except WeightsOnly:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, _restore_failure(e)))
         continue

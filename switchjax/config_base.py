@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.activation = "gated_gelu"  # "relu" (T5, Switch paper) or "gated_gelu" (T5.1.1)
   m.dropout_rate = 0.1
   m.tie_embeddings = False  # T5.1.1 unties input embedding and output logits
+  # The encoder has an input embedding of its own (transformers 5's Switch
+  # with tie_word_embeddings=False); False: one for both stacks, as T5.
+  m.separate_encoder_embedding = False
   m.relative_attention_num_buckets = 32
   m.relative_attention_max_distance = 128
   m.dtype = "bfloat16"  # activations / matmuls; params are always float32
@@ -35,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0
   e.sparse_every = 2  # FFN of every N-th layer is an MoE (1 = every layer)
+  # Which layer of each N is sparse: layer i iff i % sparse_every ==
+  # sparse_offset; -1 = sparse_every - 1 (the papers': 1, 3, 5, ... for N=2).
+  # Hugging Face's Switch puts it at 1 (layers 1, 5, 9 for N=4): README.
+  e.sparse_offset = -1
   e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk
   e.encoder_router = ""  # "" = same as `router`; e.g. expert_choice in the encoder
   e.decoder_router = ""
@@ -42,7 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.train_capacity_factor = 1.25
   e.eval_capacity_factor = 2.0
   e.min_capacity = 4
-  e.group_size = 1024  # tokens per routing group (S)
+  e.group_size = 1024  # tokens per routing group (S); 0 = one group per sequence (HF)
+  # Slots per expert and group; 0 = from the capacity factor (the papers').
+  # > 0 fixes them in training and eval, as HF's `expert_capacity`.
+  e.expert_capacity = 0
   e.aux_loss_coef = 0.01
   e.z_loss_coef = 0.0
   e.router_jitter = 0.0  # multiplicative U(1-eps, 1+eps) on router inputs, training only
@@ -119,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000
   t.max_to_keep = 3
   t.nan_policy = "stop"  # "stop" | "skip"
+  # Start a new run (step 0, fresh optimizer) from these weights: a
+  # switchjax workdir (its newest checkpoint) or a Hugging Face directory.
+  t.init_from = ""
+  # Sparse upcycling (Komatsuzaki et al. 2022): build this MoE from a trained
+  # dense workdir, every expert a copy of its layer's dense FFN.
+  t.upcycle_from = ""
   return c
 
 

@@ -182,6 +182,7 @@ SCHEMA: dict[str, Spec] = {
     "model.activation": Choice(ffn.ACTIVATIONS),
     "model.dropout_rate": RATE,
     "model.tie_embeddings": BOOL,
+    "model.separate_encoder_embedding": BOOL,  # encoder_decoder only
     # attention.relative_position_bucket: see _check_model for how the two go
     # together (exact buckets must exist and max_distance lie beyond them).
     "model.relative_attention_num_buckets": Int(2),
@@ -192,6 +193,7 @@ SCHEMA: dict[str, Spec] = {
     # moe
     "moe.num_experts": Int(0),  # 0 = dense
     "moe.sparse_every": Int(1),
+    "moe.sparse_offset": Int(0, special=(-1,), special_doc="sparse_every - 1"),
     "moe.router": Choice(routing.ROUTERS),
     "moe.encoder_router": _ROUTER_OVERRIDE,
     "moe.decoder_router": _ROUTER_OVERRIDE,
@@ -199,7 +201,8 @@ SCHEMA: dict[str, Spec] = {
     "moe.train_capacity_factor": POSITIVE,
     "moe.eval_capacity_factor": POSITIVE,
     "moe.min_capacity": Int(1),
-    "moe.group_size": Int(1),  # divides each stack's tokens: _check_moe
+    "moe.group_size": Int(1, special=(0,), special_doc="one group per sequence"),
+    "moe.expert_capacity": Int(0),  # 0 = from the capacity factor
     "moe.aux_loss_coef": Float(0.0),
     "moe.z_loss_coef": Float(0.0),
     "moe.router_jitter": RATE,  # U(1 - eps, 1 + eps) stays positive
@@ -252,6 +255,8 @@ SCHEMA: dict[str, Spec] = {
     "train.checkpoint_every": Int(1),
     "train.max_to_keep": Int(1),
     "train.nan_policy": Choice(faults.NAN_POLICIES),
+    "train.init_from": STR,
+    "train.upcycle_from": STR,
 }
 # Every partitioning rule: mesh axes, comma-separated ('' = replicated);
 # parsed by partitioning.rules_from_config.

@@ -1,4 +1,4 @@
-"""The reproduction's seven findings: which cells each trains, how it is judged.
+"""The reproduction's eight findings: which cells each trains, how it is judged.
 
 Every cell is `experiments/repro/protocol.py:switch` plus the overrides in CELLS,
 trained once per seed in DIR/<cell>_s<seed> (`run_name`). Seed i of every
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -35,6 +36,10 @@ FIRST_COUNTS = (2, 8, 32)  # (b) trains these for every seed before 4 and 16
 CAPACITY_FACTORS = (1.0, 1.25, 2.0)
 STRESS_LRS = (1e-2, 3e-2)  # (f), (g): 3x and 10x the protocol's rate
 STRESS_FRACTION = 5  # stress runs train a fifth of the protocol's steps
+# (h): the runs that start from a trained dense run (DIR/dense_s<seed>) train
+# a half of the protocol's steps more, each with its own cosine schedule.
+CONTINUE_FRACTION = 2
+STARTS = {"dense_cont": "train.init_from", "upcycled": "train.upcycle_from"}
 
 
 def _stress(router_dtype: str, init: float, lr: float) -> dict[str, Any]:
@@ -56,6 +61,11 @@ CELLS: dict[str, dict[str, Any]] = {
     **{f"cf{f}": {"moe.train_capacity_factor": f}
        for f in CAPACITY_FACTORS if f != 2.0},
     "top2": TOP2,
+    # (h) Sparse upcycling: the dense run continued, or made a top-2 MoE
+    # whose experts start as its FFNs (its combine weights sum to 1, so the
+    # MoE computes the dense model at its first step); `cell_overrides`.
+    "dense_cont": {"moe.num_experts": 0},
+    "upcycled": TOP2,
     "ed_top2": {**ENCDEC, **TOP2},
     "ed_ec": {**ENCDEC, **TOP2, "moe.encoder_router": "expert_choice"},
     **{stress_cell(dt, init, lr): _stress(dt, init, lr)
@@ -71,8 +81,10 @@ def needs_dense_2x(runs: Runs, seeds: Sequence[int]) -> bool:
              for s in seeds)
 
 
-def cell_overrides(cell: str, steps: int) -> dict[str, Any]:
-  """A cell's overrides for a protocol of `steps` training steps."""
+def cell_overrides(cell: str, steps: int, seed: int = 0,
+                   workdir: str = "") -> dict[str, Any]:
+  """A cell's overrides for a protocol of `steps` training steps; the cells
+  of (h) start from DIR/dense_s<seed> (DIR = `workdir`)."""
   out = dict(CELLS[cell])
   if cell == "dense_2x":
     out["train.num_steps"] = 2 * steps
@@ -80,6 +92,10 @@ def cell_overrides(cell: str, steps: int) -> dict[str, Any]:
     n = max(2, steps // STRESS_FRACTION)
     out.update({"train.num_steps": n, "train.warmup_steps": n // 10,
                 "train.eval_every": n, "train.checkpoint_every": n})
+  elif cell in STARTS:
+    n = max(2, steps // CONTINUE_FRACTION)
+    out.update({STARTS[cell]: os.path.join(workdir, run_name("dense", seed)),
+                "train.num_steps": n, "train.warmup_steps": n // 10})
   return out
 
 
@@ -287,6 +303,17 @@ def analyse_e(runs: Runs, seeds: Sequence[int]) -> dict:
                "eval loss, expert choice - top-2")
 
 
+def analyse_h(runs: Runs, seeds: Sequence[int]) -> dict:
+  """Upcycled top-2 MoE vs the dense run continued, both from the same
+  dense run for the same extra tokens; the MoE from scratch beside them."""
+  out = _pair("h", runs, seeds, "upcycled", "dense_cont",
+              f"eval loss after 1/{CONTINUE_FRACTION} more of the protocol's "
+              "tokens, upcycled - continued dense")
+  out["values"]["dense"] = _losses(runs, "dense", seeds)  # where both start
+  out["values"]["top2"] = _losses(runs, "top2", seeds)  # from scratch, 1x
+  return out
+
+
 def _stress_summary(runs: Runs, seeds, router_dtype, init) -> dict[str, Any]:
   out = {}
   for lr in STRESS_LRS:
@@ -380,4 +407,7 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in (
     Finding("g", "Init scale 0.1 is more stable than 1.0 (Switch Table 3)",
             (tuple(stress_cell("float32", init, lr) for lr in STRESS_LRS
                    for init in (0.1, 1.0)),), analyse_g),
+    Finding("h", "Sparse upcycling beats continuing the dense run for the "
+            "same extra tokens (Komatsuzaki et al. 2022)",
+            (("dense", "top2"), ("dense_cont", "upcycled")), analyse_h),
 )}

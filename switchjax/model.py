@@ -4,8 +4,9 @@ Notation: see `switchjax/__init__.py` (Li, Lt: encoder and decoder lengths).
 Pre-norm layers (T5's RMS LayerNorm: scale only), relative position
 biases shared across a stack's layers, dropout on the embeddings, after every
 sublayer and after the final norm. Layer i (0-based) of a stack has an MoE
-FFN iff moe.num_experts > 0 and (i + 1) % moe.sparse_every == 0, so Switch's
-sparse_every=2 makes layers 1, 3, 5, ... sparse.
+FFN iff moe.num_experts > 0 and i % sparse_every == sparse_every - 1, so
+Switch's sparse_every=2 makes layers 1, 3, 5, ... sparse; moe.sparse_offset
+moves which layer of every sparse_every is sparse (Hugging Face's layout).
 
 Params are float32; activations and matmuls run in model.dtype and the
 logits come out in float32.
@@ -58,9 +59,23 @@ def to_dtype(name: str) -> Any:
   return DTYPES[name]
 
 
-def is_sparse_layer(index: int, num_experts: int, sparse_every: int) -> bool:
-  """Whether layer `index` (0-based) of a stack gets an MoE FFN."""
-  return num_experts > 0 and (index + 1) % sparse_every == 0
+def is_sparse_layer(index: int, num_experts: int, sparse_every: int,
+                    sparse_offset: int = -1) -> bool:
+  """Whether layer `index` (0-based) of a stack gets an MoE FFN.
+
+  Layer i is sparse iff i % sparse_every == sparse_offset; offset -1 means
+  sparse_every - 1 (the last layer of every sparse_every).
+  """
+  offset = sparse_every - 1 if sparse_offset < 0 else sparse_offset
+  return num_experts > 0 and index % sparse_every == offset
+
+
+def sparse_layers(moe_config: ml_collections.ConfigDict,
+                  num_layers: int) -> list[bool]:
+  """Per layer of a stack of `num_layers`: whether it gets an MoE FFN."""
+  e = moe_config
+  return [is_sparse_layer(i, e.num_experts, e.sparse_every, e.sparse_offset)
+          for i in range(num_layers)]
 
 
 def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
@@ -89,6 +104,7 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       train_capacity_factor=e.train_capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor,
       min_capacity=e.min_capacity, group_size=e.group_size,
+      expert_capacity=e.expert_capacity,
       activation=m.activation, expert_dropout=e.expert_dropout,
       router_jitter=e.router_jitter, router_dtype=to_dtype(e.router_dtype),
       router_init_std=e.router_init_std,
@@ -174,8 +190,7 @@ class Stack(nnx.Module):
         m.relative_attention_num_buckets, m.num_heads,
         m.relative_attention_max_distance, bidirectional=not causal,
         init_scale=m.init_scale, rngs=rngs)
-    sparse = [is_sparse_layer(i, e.num_experts, e.sparse_every)
-              for i in range(num_layers)]
+    sparse = sparse_layers(e, num_layers)
     kwargs = moe_layer_kwargs(config, name) if any(sparse) else None
     self.layers = nnx.List([
         TransformerLayer(config, cross_attention=cross_attention,
@@ -237,10 +252,18 @@ class _LanguageModel(nnx.Module):
     self.head = None if m.tie_embeddings else attention.make_param(
         attention.truncated_normal_init(math.sqrt(m.init_scale / m.d_model)),
         rngs, (m.d_model, m.vocab_size), ("embed", "vocab"))
+    # transformers 5's Switch with untied head: the encoder reads its own
+    # input embedding (`embedding` is then the decoder's).
+    self.encoder_embedding = attention.make_param(
+        attention.truncated_normal_init(math.sqrt(m.init_scale)), rngs,
+        (m.vocab_size, m.d_model), ("vocab", "embed")
+    ) if m.separate_encoder_embedding else None
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """i32[B, L] -> [B, L, M] in dtype."""
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+  def embed(self, tokens: jax.Array, table: Optional[nnx.Param] = None
+            ) -> jax.Array:
+    """i32[B, L] -> [B, L, M] in dtype, from `table` (default `embedding`)."""
+    table = self.embedding if table is None else table
+    x = jnp.take(table[...], tokens, axis=0).astype(self.dtype)
     return partitioning.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -285,7 +308,7 @@ class EncoderDecoder(_LanguageModel):
         enc_valid, enc_valid, query_segment_ids=encoder_segment_ids,
         key_segment_ids=encoder_segment_ids)
     encoded, enc_moe = self.encoder(
-        self.embed(encoder_input_tokens), mask=enc_mask,
+        self.embed(encoder_input_tokens, self.encoder_embedding), mask=enc_mask,
         positions=encoder_positions)
 
     dec_valid = (decoder_segment_ids > 0 if decoder_segment_ids is not None
@@ -372,8 +395,7 @@ def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
         cross_attention=cross, rngs=rngs)))
     total += shell
     active += shell
-    num_sparse = sum(is_sparse_layer(i, e.num_experts, e.sparse_every)
-                     for i in range(num_layers))
+    num_sparse = sum(sparse_layers(e, num_layers))
     kwargs = moe_layer_kwargs(config, name) if num_sparse else None
     for count, moe_kwargs in ((num_layers - num_sparse, None),
                               (num_sparse, kwargs)):

@@ -121,7 +121,10 @@ class MoeLayer(nnx.Module):
     train_capacity_factor, eval_capacity_factor: capacity factor in training
       and in deterministic (eval) mode.
     min_capacity: the least capacity per expert and group.
-    group_size: S, tokens per routing group (min(S, B * L) is used).
+    group_size: S, tokens per routing group (min(S, B * L) is used); 0 = one
+      group per sequence (S = L, as Hugging Face's Switch routes).
+    expert_capacity: > 0 fixes C (capped at S) whatever the mode and factor,
+      as Hugging Face's `expert_capacity`; 0 = from the capacity factor.
     activation: one of ffn.ACTIVATIONS.
     expert_dropout: dropout rate on the experts' hidden activations.
     router_jitter: eps of the multiplicative U(1 - eps, 1 + eps) noise on the
@@ -145,7 +148,8 @@ class MoeLayer(nnx.Module):
                router: str = "switch", num_selected: int = 1,
                train_capacity_factor: float = 1.25,
                eval_capacity_factor: float = 2.0, min_capacity: int = 4,
-               group_size: int = 1024, activation: str = "relu",
+               group_size: int = 1024, expert_capacity: int = 0,
+               activation: str = "relu",
                expert_dropout: float = 0.0, router_jitter: float = 0.0,
                router_dtype: Any = jnp.float32, router_init_std: float = 0.02,
                second_expert_policy: str = "all",
@@ -167,10 +171,13 @@ class MoeLayer(nnx.Module):
                        f"num_experts={num_experts}].")
     for name, value in (("train_capacity_factor", train_capacity_factor),
                         ("eval_capacity_factor", eval_capacity_factor),
-                        ("group_size", group_size),
                         ("min_capacity", min_capacity)):
       if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}.")
+    for name, value in (("group_size", group_size),
+                        ("expert_capacity", expert_capacity)):
+      if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
     if dispatch == "dropless" and router == "expert_choice":
       raise ValueError("dispatch 'dropless' needs a token-choice router.")
 
@@ -182,6 +189,7 @@ class MoeLayer(nnx.Module):
     self.eval_capacity_factor = eval_capacity_factor
     self.min_capacity = min_capacity
     self.group_size = group_size
+    self.expert_capacity = expert_capacity
     self.second_expert_policy = second_expert_policy
     self.normalize_weights = normalize_weights
     self.batch_prioritized = batch_prioritized
@@ -213,6 +221,8 @@ class MoeLayer(nnx.Module):
     """
     if self.dispatch == "dropless":
       return tokens_per_group
+    if self.expert_capacity > 0:
+      return min(self.expert_capacity, tokens_per_group)
     factor = (self.eval_capacity_factor if self.deterministic
               else self.train_capacity_factor)
     capacity = routing_lib.expert_capacity(
@@ -281,7 +291,8 @@ class MoeLayer(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(
           f"MoeLayer expects tokens [B, L, M={self.d_model}], got shape {x.shape}.")
-    groups = dispatch_lib.group_tokens(x, self.group_size)  # [G, S, M]
+    # [G, S, M]; group_size 0: each sequence is a group.
+    groups = dispatch_lib.group_tokens(x, self.group_size or x.shape[1])
     # On a mesh: whole groups per device, routed where they are.
     groups = expert_parallel_lib.constrain_groups(groups)
     routing, logits = self.route(groups)

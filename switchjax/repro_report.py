@@ -19,8 +19,11 @@ from switchjax import results as results_lib
 from switchjax import stats
 
 PROBE_BATCHES = 16  # validation batches the specialisation probe routes
-FIGURES = ("loss_vs_tokens.png", "loss_vs_experts.png", "speedup.png",
-           "capacity_factor.png", "specialisation.png")
+# The finding whose runs each figure is drawn from.
+FIGURE_FINDING = {"loss_vs_tokens.png": "a", "loss_vs_experts.png": "b",
+                  "speedup.png": "a", "capacity_factor.png": "c",
+                  "specialisation.png": "a"}
+FIGURES = tuple(FIGURE_FINDING)
 
 
 def _seeds_of(runs: F.Runs, cell: str) -> list[int]:
@@ -341,6 +344,18 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
                "unit of time, whether top-2's gain per step outweighs that "
                f"needs a top-1 run {d['step_time_ratio']:.2f}x as long, "
                "which the protocol does not train.")
+  h = results.get("h", {})
+  if h.get("values", {}).get("dense"):
+    v = {k: np.mean(x) for k, x in h["values"].items()}
+    out.append(
+        f"- **Upcycling (h)**: mean eval loss of the dense runs they start "
+        f"from {v['dense']:.4f}; after 1/{F.CONTINUE_FRACTION} more of the "
+        f"protocol's tokens (a fresh cosine schedule each), continued dense "
+        f"{v['dense_cont']:.4f}, upcycled top-2 MoE {v['upcycled']:.4f}; the "
+        f"top-2 MoE from scratch at 1x the tokens {v['top2']:.4f} (Komatsuzaki "
+        "et al. compare the upcycled model with the continued dense one at "
+        "equal extra compute; the upcycled experts are copies of the dense "
+        "FFN, so it computes the dense model at its first step).")
   sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
            "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
   for f in ("f", "g"):
@@ -388,9 +403,11 @@ def _specialisation_lines(spec: dict) -> list[str]:
 
 
 def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
-          meta: dict, base, *, path: str = "", figures: str = ".") -> str:
+          meta: dict, base, *, path: str = "", figures: str = ".",
+          figure_names: Optional[Sequence[str]] = None) -> str:
   """Draws the figures into workdir and writes the report to `path`
-  (default workdir/results.md), its figures linked under `figures`."""
+  (default workdir/results.md), its figures linked under `figures`: those
+  drawn, or `figure_names`."""
   path = path or os.path.join(workdir, "results.md")
   seeds = results[next(iter(results))]["seeds"]
   spec = specialisation(workdir, seeds)
@@ -410,7 +427,8 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
       f"Made by `{meta['command']}` on {meta['date']} at commit "
       f"`{meta['commit']}`; {meta['machine']}, JAX {meta['jax']}. Training "
       f"time of the runs in its workdir (measured wall time, over runs, "
-      f"resumes and the runs trained side by side): {meta['hours']:.2f} h.",
+      f"resumes and the runs trained side by side): {meta['hours']:.2f} h."
+      + (f" {meta['kept']}" if meta.get("kept") else ""),
       "",
       "## Protocol", "",
       f"`experiments/repro/protocol.py`: a decoder-only Switch language model (d_model "
@@ -427,8 +445,10 @@ def write(workdir: str, results: dict[str, dict], runs: F.Runs, bench: dict,
       "## Verdict rule", "", VERDICT_RULE, "",
       "## Findings", "", *findings_table(results), "", *_details(results, bench),
       "", *other_seeds_lines(results)]
-  for name, fig in drawn.items():
-    if fig is not None and name != "specialisation.png":
+  linked = (figure_names if figure_names is not None else
+            [name for name, fig in drawn.items() if fig is not None])
+  for name in linked:
+    if name != "specialisation.png":
       lines.append(f"![{name[:-4]}]({figures}/{name})")
   lines += _specialisation_lines(spec)
   if meta.get("pilot"):

@@ -127,9 +127,9 @@ def probe(config, workdir: str, max_batches: int = 0) -> Probe:
       layers[j].append(f32)
       mismatch[j].append(float(np.mean(
           f32 != _first_choice(x, kernel, jnp.bfloat16))))
-  names = [f"decoder/layer_{i}" for i in range(config.model.num_decoder_layers)
-           if model_lib.is_sparse_layer(i, config.moe.num_experts,
-                                        config.moe.sparse_every)]
+  names = [f"decoder/layer_{i}" for i, sparse in enumerate(
+      model_lib.sparse_layers(config.moe, config.model.num_decoder_layers))
+           if sparse]
   return Probe(layers=names[:len(layers)],
                choice=[np.concatenate(c) for c in layers],
                bf16_mismatch=[float(np.mean(m)) for m in mismatch],

@@ -23,10 +23,12 @@ import optax
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
 from switchjax import faults
+from switchjax import init_from
 from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
 from switchjax import preemption
+from switchjax import upcycle
 from switchjax import validate
 from switchjax import workdir_lock
 from switchjax import writers
@@ -160,10 +162,13 @@ class Trainer:
   # the seed share one compilation (the persistent cache of a sweep).
   base_key: jax.Array = dataclasses.field(init=False, repr=False)
 
-  def init_state(self) -> dict[str, Any]:
-    init = jax.jit(_init_fn(self.config, self.tx),
+  def init_state(self, weights: Optional[init_from.Start] = None
+                 ) -> dict[str, Any]:
+    """A fresh train state at step 0; its params from `weights` where given
+    (the optimizer state is fresh either way)."""
+    init = jax.jit(_init_fn(self.config, self.tx, weights),
                    out_shardings=self.state_shardings)
-    return init()
+    return init() if weights is None else init(weights.read())
 
   def train_step(self, state, batch):
     return self._jit_train(state, self.rng_state, self.base_key, batch)
@@ -207,10 +212,12 @@ def _make_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2)
 
 
-def _init_fn(config, tx):
-  def init():
+def _init_fn(config, tx, weights: Optional[init_from.Start] = None):
+  def init(*source_arrays):
     model = model_lib.build_model(config, rngs=_make_rngs(config.seed))
     params = nnx.state(model, nnx.Param)
+    if weights is not None:  # XLA drops the fresh values it replaces
+      params = weights.params(params, *source_arrays)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params),
             # Steps whose update nan_policy='skip' dropped.
@@ -343,20 +350,35 @@ def _setup_run(config: ml_collections.ConfigDict, workdir: str,
   trainer = make_trainer(config)
   # Checkpoints of another model are refused before anything is written.
   ckpt_lib.check_compatible(workdir, trainer.abstract_state)
+  weights = _start_weights(config, workdir, trainer)  # or refuses them
   os.makedirs(workdir, exist_ok=True)
   lock = workdir_lock.acquire_for_run(workdir)  # before anything is written
   try:
-    return _open_run(config, workdir, trainer, lock)
+    return _open_run(config, workdir, trainer, lock, weights)
   except BaseException:
     if lock is not None:
       lock.release()
     raise
 
 
+def _start_weights(config: ml_collections.ConfigDict, workdir: str,
+                   trainer: Trainer) -> Optional[init_from.Start]:
+  """The weights a new run starts from (train.init_from / upcycle_from), or
+  None: fresh ones, or a run with checkpoints, which resumes from them."""
+  t = config.train
+  if not (t.init_from or t.upcycle_from) or init_from.checkpoint_steps(workdir):
+    return None
+  params = trainer.abstract_state["params"]
+  if t.init_from:
+    return init_from.start(t.init_from, params)
+  return upcycle.start(t.upcycle_from, params, trainer.mesh)
+
+
 def _open_run(config: ml_collections.ConfigDict, workdir: str,
-              trainer: Trainer, lock: Optional[workdir_lock.WorkdirLock]
-              ) -> _Run:
-  """The run in a workdir this process (or process 0) holds the lock of."""
+              trainer: Trainer, lock: Optional[workdir_lock.WorkdirLock],
+              weights: Optional[init_from.Start] = None) -> _Run:
+  """The run in a workdir this process (or process 0) holds the lock of;
+  a new one starts from `weights` where given."""
   is_main = jax.process_index() == 0
   if is_main:
     validate.write_config(config, workdir)
@@ -376,7 +398,9 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str,
       print(f"resumed from {checkpointer.directory} at step {latest}",
             flush=True)
   else:
-    state = trainer.init_state()
+    if weights is not None and is_main:
+      print(weights.line, flush=True)
+    state = trainer.init_state(weights)
   start = int(jax.device_get(state["step"]))
   if is_main:
     writers.truncate_metrics(os.path.join(workdir, "metrics.jsonl"),

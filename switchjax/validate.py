@@ -58,6 +58,9 @@ def _is_run_key(key: str) -> bool:
 
 def _check_model(config) -> None:
   m = config.model
+  if m.arch != "encoder_decoder" and m.separate_encoder_embedding:
+    raise ConfigError("model.separate_encoder_embedding=True needs an "
+                      f"encoder: model.arch is {m.arch!r}")
   if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
     raise ConfigError("model.num_encoder_layers must be >= 1 in an "
                       f"encoder_decoder, got {m.num_encoder_layers}")
@@ -84,6 +87,11 @@ def _check_moe(config) -> None:
   e, d, t = config.moe, config.data, config.train
   if e.num_experts == 0:
     return
+  if e.sparse_offset >= e.sparse_every:
+    raise ConfigError(
+        f"moe.sparse_offset={e.sparse_offset} must be < moe.sparse_every="
+        f"{e.sparse_every} (or -1): layer i is sparse iff i % sparse_every "
+        "== sparse_offset")
   lengths = ({"encoder": d.inputs_length, "decoder": d.targets_length}
              if config.model.arch == "encoder_decoder"
              else {"decoder": d.seq_length})
@@ -106,6 +114,8 @@ def _check_moe(config) -> None:
           f"moe.dispatch='dropless' needs token-choice routers; {key}="
           f"{router!r} has no per-token choices to sort")
     tokens = t.batch_size * lengths[stack]
+    if e.group_size == 0:  # one group per sequence: always divides
+      continue
     group = min(e.group_size, tokens)
     if tokens % group:
       raise ConfigError(
@@ -177,6 +187,20 @@ def _check_schedule(config) -> None:
         f"train.warmup_steps ({t.warmup_steps})")
 
 
+def _check_start(config) -> None:
+  """train.init_from / train.upcycle_from: at most one, upcycling into an MoE.
+  The sources themselves are read by init_from.py and upcycle.py."""
+  t = config.train
+  if t.init_from and t.upcycle_from:
+    raise ConfigError(
+        f"train.init_from={t.init_from} and train.upcycle_from="
+        f"{t.upcycle_from} are both set; a run starts from one of them")
+  if t.upcycle_from and config.moe.num_experts == 0:
+    raise ConfigError(
+        f"train.upcycle_from={t.upcycle_from} builds an MoE model, but "
+        "moe.num_experts=0 (dense); set moe.num_experts")
+
+
 def _check_mesh(config, num_devices: int) -> None:
   try:
     shape = partitioning.check_mesh(config, num_devices)
@@ -227,13 +251,15 @@ def check_config(config: ml_collections.ConfigDict,
   _check_model(config)
   _check_moe(config)
   _check_schedule(config)
+  _check_start(config)
   _check_mesh(config, num_devices or jax.device_count())
 
 
 def prepare(config: ml_collections.ConfigDict,
             num_devices: Optional[int] = None) -> ml_collections.ConfigDict:
-  """A validated copy of config: model.vocab_size set from the data and
-  moe.dispatch under its current name ('fast' -> 'gather')."""
+  """A validated copy of config: model.vocab_size set from the data (kept
+  with train.init_from: the weights fix it, and it must hold the data's
+  ids) and moe.dispatch under its current name ('fast' -> 'gather')."""
   from switchjax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   check_config(config, num_devices)
@@ -244,7 +270,13 @@ def prepare(config: ml_collections.ConfigDict,
   if config.model.arch == "encoder_decoder":
     _check_span_corruption(config, vocab.extra_ids)
   _check_data(config)
-  config.model.vocab_size = vocab.vocab_size
+  if not config.train.init_from:
+    config.model.vocab_size = vocab.vocab_size
+  elif vocab.vocab_size > config.model.vocab_size:
+    raise ConfigError(
+        f"model.vocab_size={config.model.vocab_size} (the size of the "
+        f"train.init_from weights' vocabulary) is smaller than the data "
+        f"vocabulary's {vocab.vocab_size} ids")
   config.moe.dispatch = dispatch.canonical(config.moe.dispatch)
   return config
 

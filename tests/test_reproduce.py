@@ -62,6 +62,25 @@ def test_grid_orders_runs_and_doubles_dense_2x():
   assert cells["switch_s0"] == {"train.num_steps": 100, "seed": 0}
 
 
+def test_upcycling_runs_start_from_their_seeds_dense_run_after_it():
+  reproduce = script("reproduce")
+  g = reproduce.make_grid(["h"], [0, 1], [("train.num_steps", 100)],
+                          workdir="DIR")
+  names = [n for n, _ in g.cells]
+  assert names[:4] == ["dense_s0", "top2_s0", "dense_s1", "top2_s1"]
+  cells = dict(g.cells)
+  assert cells["upcycled_s1"]["train.upcycle_from"] == os.path.join("DIR", "dense_s1")
+  assert cells["dense_cont_s0"]["train.init_from"] == os.path.join("DIR", "dense_s0")
+  assert cells["upcycled_s0"]["train.num_steps"] == 50
+  assert cells["upcycled_s0"]["moe.num_selected"] == 2
+  # The protocol phase alone holds no started run, the started phase only them.
+  started = reproduce.make_grid(["h"], [0, 1], [], "started", "DIR")
+  assert [n for n, _ in started.cells] == [
+      "dense_cont_s0", "upcycled_s0", "dense_cont_s1", "upcycled_s1"]
+  protocol = reproduce.make_grid(["h"], [0, 1], [], "protocol", "DIR")
+  assert not {n for n, _ in protocol.cells} & {n for n, _ in started.cells}
+
+
 def _fake_run(run_dir, config, losses):
   """A finished run on disk: config, metrics (evals at `losses`), step dir."""
   os.makedirs(os.path.join(run_dir, "checkpoints", str(config.train.num_steps)))
@@ -292,3 +311,41 @@ def test_protocol_vocabulary_is_the_bundled_2k_model():
   assert vocab.sp_vocab_size == 2048 and vocab.vocab_size == c.model.vocab_size
   assert vocab_lib.resolve_path("") == vocab_lib.BUNDLED_VOCAB_PATH
   assert vocab_lib.resolve_path("no/such.model").endswith("no/such.model")
+
+
+def test_publishing_one_finding_keeps_the_others(tmp_path, monkeypatch):
+  """(h) alone into a docs/ that holds (a): (a) and its figure stay."""
+  from switchjax import sweep
+  reproduce = script("reproduce")
+  docs = tmp_path / "docs"
+  (docs / "results").mkdir(parents=True)
+  published_a = {"id": "a", "verdict": "inconclusive", "claim": "x",
+                 "seeds": [0], "values": {}, "difference": "d",
+                 "per_seed_difference": [0.1], "mean_difference": 0.1,
+                 "interval_95": [-1.0, 1.0], "paper_sign": -1}
+  (docs / "results" / "findings.json").write_text(json.dumps({"a": published_a}))
+  (docs / "results" / "loss_vs_tokens.png").write_bytes(b"old figure")
+  (docs / "results.md").write_text("# r\n\nMade by `old command` on d at "
+                                   "commit `abc`; more\n")
+  monkeypatch.setattr(reproduce, "DOCS", str(docs))
+  wd = str(tmp_path / "repro")
+  final = {"dense": [5.0, 5.1], "top2": [4.9, 5.0],
+           "dense_cont": [4.9, 5.0], "upcycled": [4.8, 4.85]}
+  g = reproduce.make_grid(["h"], [0, 1], [], workdir=wd)
+  for cell, config in sweep.prepare(g, None):
+    name, _, seed = cell.name.rpartition("_s")
+    _fake_run(os.path.join(wd, cell.name), config,
+              [6.0, final[name][int(seed)]])
+  reproduce.main(["--findings", "h", "--seeds", "0,1", "--workdir", wd,
+                  "--report_only", "--publish"])
+  merged = json.loads((docs / "results" / "findings.json").read_text())
+  assert list(merged) == ["a", "h"] and merged["a"] == published_a
+  assert merged["h"]["per_seed_difference"] == pytest.approx([-0.1, -0.15])
+  assert merged["h"]["values"]["dense"] == pytest.approx([5.0, 5.1])
+  assert (docs / "results" / "loss_vs_tokens.png").read_bytes() == b"old figure"
+  report = (docs / "results.md").read_text()
+  assert "| (a) |" in report and "| (h) |" in report
+  assert "Findings (a) are as published before" in report
+  assert "`old command` on d at commit `abc`" in report
+  assert "**Upcycling (h)**" in report
+  assert "](results/loss_vs_tokens.png)" in report

@@ -219,6 +219,10 @@ CROSS = [
      r"moe\.encoder_router='expert_choice'"),
     ({"moe.group_size": 48},
      r"^moe\.group_size=48 does not divide the encoder's 2048 tokens"),
+    ({"moe.sparse_every": 2, "moe.sparse_offset": 2},
+     r"^moe\.sparse_offset=2 must be < moe\.sparse_every=2 \(or -1\)"),
+    ({**DECODER_ONLY, "model.separate_encoder_embedding": True},
+     r"^model\.separate_encoder_embedding=True needs an encoder"),
     ({"data.targets_length": 20, "moe.group_size": 64},
      r"^data\.targets_length=20 is too short for span corruption of "
      r"data\.inputs_length=128 .*: it needs 29$"),
@@ -293,6 +297,8 @@ BOUNDARIES = [
     {"moe.num_experts": 0, "moe.router": "expert_choice"},  # dense: no router
     {"moe.router": "topk", "moe.num_selected": 8},  # K == E
     {"moe.group_size": 1}, {"moe.group_size": 10**6},  # min(S, tokens)
+    {"moe.group_size": 0, "moe.expert_capacity": 3},  # HF: a group per row
+    {"moe.sparse_every": 4, "moe.sparse_offset": 1},  # HF's layout
     {"mesh.data": 8}, {"mesh.data": 2, "mesh.expert": 4},
     {"mesh.data": 1, "mesh.model": -1},
     {"model.num_encoder_layers": 0, **DECODER_ONLY},
