@@ -393,6 +393,8 @@ def publish(args, results, runs, bench, meta, base) -> None:
     with open(os.path.join(out_dir, "findings.json")) as f:
       published = json.load(f)
   kept = [f for f in F.FINDINGS if f in published and f not in results]
+  made_by = f"`{meta['command']}` on {meta['date']} at commit `{meta['commit']}`"
+  results = {f: dict(r, made_by=made_by) for f, r in results.items()}
   for name in PUBLISHED + repro_report.FIGURES:
     finding = repro_report.FIGURE_FINDING.get(name)
     if (name == "findings.json" or (finding in kept)
@@ -401,6 +403,10 @@ def publish(args, results, runs, bench, meta, base) -> None:
     shutil.copyfile(os.path.join(args.workdir, name),
                     os.path.join(out_dir, name))
   if kept:
+    # Where each kept finding was made (the report's sentence for those
+    # published before `made_by` was recorded), kept with it from now on.
+    for f in kept:
+      published[f].setdefault("made_by", _made_by())
     results = {f: results.get(f, published.get(f)) for f in F.FINDINGS
                if f in results or f in published}
     if not bench and os.path.exists(os.path.join(out_dir, "step_times.json")):
@@ -409,10 +415,11 @@ def publish(args, results, runs, bench, meta, base) -> None:
     spec = os.path.join(out_dir, "specialisation.json")
     if "a" in kept and os.path.exists(spec):
       shutil.copyfile(spec, os.path.join(args.workdir, "specialisation.json"))
+    sources = list(dict.fromkeys(published[f]["made_by"] for f in kept))
     meta = dict(meta, kept=(
         f"Findings {', '.join(f'({f})' for f in kept)} are as published "
-        f"before (docs/results/findings.json: {_made_by()}); their runs "
-        "are not in this workdir."))
+        f"before (made by {'; '.join(sources)}); their runs are not in this "
+        "workdir."))
   with open(os.path.join(out_dir, "findings.json"), "w") as f:
     json.dump(results, f, indent=1)
   figures = [n for n in repro_report.FIGURES

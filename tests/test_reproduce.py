@@ -339,13 +339,20 @@ def test_publishing_one_finding_keeps_the_others(tmp_path, monkeypatch):
   reproduce.main(["--findings", "h", "--seeds", "0,1", "--workdir", wd,
                   "--report_only", "--publish"])
   merged = json.loads((docs / "results" / "findings.json").read_text())
-  assert list(merged) == ["a", "h"] and merged["a"] == published_a
+  assert list(merged) == ["a", "h"]
+  assert merged["a"] == {**published_a,
+                         "made_by": "`old command` on d at commit `abc`"}
   assert merged["h"]["per_seed_difference"] == pytest.approx([-0.1, -0.15])
   assert merged["h"]["values"]["dense"] == pytest.approx([5.0, 5.1])
   assert (docs / "results" / "loss_vs_tokens.png").read_bytes() == b"old figure"
   report = (docs / "results.md").read_text()
   assert "| (a) |" in report and "| (h) |" in report
   assert "Findings (a) are as published before" in report
-  assert "`old command` on d at commit `abc`" in report
+  assert "made by `old command` on d at commit `abc`" in report
   assert "**Upcycling (h)**" in report
   assert "](results/loss_vs_tokens.png)" in report
+  # Published again, (a) still names where it was made, not the last run.
+  reproduce.main(["--findings", "h", "--seeds", "0,1", "--workdir", wd,
+                  "--report_only", "--publish"])
+  assert "made by `old command` on d at commit `abc`" in (
+      docs / "results.md").read_text()
