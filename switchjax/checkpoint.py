@@ -56,7 +56,10 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _steps_on_disk(directory: str) -> list[int]:
+def steps_on_disk(workdir: str) -> list[int]:
+  """The step directories under workdir/checkpoints/, oldest first (what
+  is on disk, readable or not; no orbax manager is opened)."""
+  directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory)
@@ -70,7 +73,8 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 
-def _fmt(shape_dtype) -> str:
+def fmt_shape(shape_dtype) -> str:
+  """(shape, dtype name) -> 'float32[32, 64]'."""
   shape, dtype = shape_dtype
   return f"{dtype}[{', '.join(map(str, shape))}]"
 
@@ -82,18 +86,20 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
     if path not in saved:
       out.append(f"{path} is missing there")
     elif path not in wanted:
-      out.append(f"{path} is {_fmt(saved[path])} there and absent here")
+      out.append(f"{path} is {fmt_shape(saved[path])} there and absent here")
     elif saved[path] != wanted[path]:
-      out.append(f"{path} is {_fmt(saved[path])} there, "
-                 f"{_fmt(wanted[path])} here")
+      out.append(f"{path} is {fmt_shape(saved[path])} there, "
+                 f"{fmt_shape(wanted[path])} here")
   return out
 
 
-def _state_metadata(directory: str, step: int) -> Any:
-  """The saved state's tree of array metadata (shape, dtype); reads no arrays."""
+def state_metadata(workdir: str, step: int) -> Any:
+  """The saved state's tree of array metadata (shape, dtype) of a step in
+  workdir; reads no arrays."""
   handler = ocp.StandardCheckpointHandler()
   try:
-    meta = handler.metadata(epath.Path(directory) / str(step) / "state")
+    meta = handler.metadata(
+        epath.Path(checkpoint_dir(workdir)) / str(step) / "state")
   finally:
     handler.close()
   return getattr(meta, "item_metadata", meta)
@@ -116,11 +122,10 @@ def check_compatible(workdir: str, abstract_state: Any) -> None:
   Reads only metadata, writes nothing. Decided by the newest step whose
   metadata reads; unreadable steps are left to `restore_latest`.
   """
-  directory = checkpoint_dir(workdir)
   wanted = _shapes(abstract_state)
-  for step in reversed(_steps_on_disk(directory)):
+  for step in reversed(steps_on_disk(workdir)):
     try:
-      saved = _shapes(_state_metadata(directory, step))
+      saved = _shapes(state_metadata(workdir, step))
     except Exception:  # pylint: disable=broad-except
       continue  # unreadable: corrupt, not another model
     diffs = _differences(saved, wanted)

@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_np
 
@@ -19,6 +20,8 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# numpy's bfloat16 (ml_dtypes', which JAX registers and safetensors reads).
+_BF16 = np.dtype(jnp.bfloat16)
 SENTENCEPIECE = "spiece.model"  # what T5's tokenizer calls its vocabulary
 # transformers' default shard size in save_pretrained.
 MAX_SHARD_BYTES = 5 * 2**30
@@ -69,12 +72,6 @@ def _read_torch(file: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _bf16():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return np.dtype(jnp.bfloat16)
-
-
-_BF16 = _bf16()
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:

@@ -62,15 +62,6 @@ def shardings_of(abstract_params: nnx.State) -> dict[str, Any]:
           for k, v in flat(nnx.to_pure_dict(abstract_params)).items()}
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The step directories under workdir/checkpoints/, oldest first."""
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
 @dataclasses.dataclass
 class Source:
   """Trained weights on disk, described without reading their arrays.
@@ -88,11 +79,6 @@ class Source:
             else f"{self.path} (Hugging Face)")
 
 
-def _fmt(shape_dtype) -> str:
-  shape, dtype = shape_dtype
-  return f"{dtype}[{', '.join(map(str, shape))}]"
-
-
 def check_fits(key: str, source: Source, wanted: Shapes,
                names: Optional[dict[str, str]] = None) -> None:
   """Refuses (ConfigError) a source whose param paths or shapes differ from
@@ -108,12 +94,12 @@ def check_fits(key: str, source: Source, wanted: Shapes,
   for path in sorted(set(got) | set(wanted)):
     name = names.get(path, path)
     if path not in got:
-      diffs.append(f"{name} is missing there, {_fmt(wanted[path])} here")
+      diffs.append(f"{name} is missing there, {ckpt_lib.fmt_shape(wanted[path])} here")
     elif path not in wanted:
-      diffs.append(f"{name} is {_fmt(got[path])} there and absent here")
+      diffs.append(f"{name} is {ckpt_lib.fmt_shape(got[path])} there and absent here")
     elif got[path][0] != wanted[path][0]:
-      diffs.append(f"{name} is {_fmt(got[path])} there, "
-                   f"{_fmt(wanted[path])} here")
+      diffs.append(f"{name} is {ckpt_lib.fmt_shape(got[path])} there, "
+                   f"{ckpt_lib.fmt_shape(wanted[path])} here")
   if diffs:
     more = f"; {len(diffs) - 1} more differences" if len(diffs) > 1 else ""
     raise ConfigError(f"{key}={source.path} does not fit this model "
@@ -126,19 +112,14 @@ def _saved_key(path) -> str:
   return _key(path).removesuffix("/value")
 
 
-def _state_metadata(path: str, key: str, step: int,
-                    state_dir: epath.Path) -> dict:
+def _state_metadata(path: str, key: str, step: int) -> dict:
   """The saved train state's tree of ArrayMetadata (shape, dtype); reads
   no arrays."""
-  handler = ocp.StandardCheckpointHandler()
   try:
-    meta = handler.metadata(state_dir)
+    meta = ckpt_lib.state_metadata(path, step)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f"{key}={path}: checkpoint step {step} is unreadable "
                       f"({faults.one_line(e)})") from None
-  finally:
-    handler.close()
-  meta = getattr(meta, "item_metadata", meta)
   meta = getattr(meta, "tree", meta)
   if not isinstance(meta, dict) or "params" not in meta:
     raise ConfigError(f"{key}={path}: checkpoint step {step} holds no params")
@@ -147,7 +128,7 @@ def _state_metadata(path: str, key: str, step: int,
 
 def _workdir_source(path: str, key: str) -> Source:
   """The params of the newest checkpoint step of a switchjax workdir."""
-  step = checkpoint_steps(path)[-1]
+  step = ckpt_lib.steps_on_disk(path)[-1]
   step_dir = os.path.join(ckpt_lib.checkpoint_dir(path), str(step))
   # Checked now, not at read: a bad source is refused before the run starts.
   why = checksums.mismatch(step_dir)
@@ -155,7 +136,7 @@ def _workdir_source(path: str, key: str) -> Source:
     raise ConfigError(f"{key}={path}: checkpoint step {step} is corrupt "
                       f"({why})")
   state_dir = epath.Path(step_dir) / "state"
-  saved = _state_metadata(path, key, step, state_dir)["params"]
+  saved = _state_metadata(path, key, step)["params"]
   shapes = {_saved_key(p): (tuple(m.shape), str(np.dtype(m.dtype)))
             for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
 
@@ -201,7 +182,7 @@ def open_source(path: str, key: str) -> Source:
   (one line) if there are none."""
   if not os.path.isdir(path):
     raise ConfigError(f"{key}={path}: no such directory")
-  if checkpoint_steps(path):
+  if ckpt_lib.steps_on_disk(path):
     return _workdir_source(path, key)
   if hf_files.is_hf_dir(path):
     return _hf_source(path, key)

@@ -65,7 +65,7 @@ def recorded_routing() -> Iterator[list[routing_lib.Routing]]:
 def _per_token(routing: routing_lib.Routing, batch: int, length: int
                ) -> dict[str, jax.Array]:
   """Routing of [G, S] groups -> per-token arrays over [B, L] (row-major)."""
-  g, e, _ = routing.token_index.shape
+  e = routing.num_experts
   s = routing.num_tokens
   # token_index S marks an empty slot: one_hot over S + 1, then drop it.
   onehot = jax.nn.one_hot(routing.token_index, s + 1, dtype=jnp.bool_)[..., :s]
@@ -76,7 +76,6 @@ def _per_token(routing: routing_lib.Routing, batch: int, length: int
     out["expert"] = routing.expert_index.reshape(batch, length, k)
     dropped = routing.slot_index >= e * routing.capacity
     out["dropped"] = dropped.reshape(batch, length, k)
-  del g
   return out
 
 

@@ -366,7 +366,7 @@ def _start_weights(config: ml_collections.ConfigDict, workdir: str,
   """The weights a new run starts from (train.init_from / upcycle_from), or
   None: fresh ones, or a run with checkpoints, which resumes from them."""
   t = config.train
-  if not (t.init_from or t.upcycle_from) or init_from.checkpoint_steps(workdir):
+  if not (t.init_from or t.upcycle_from) or ckpt_lib.steps_on_disk(workdir):
     return None
   params = trainer.abstract_state["params"]
   if t.init_from:

@@ -7,6 +7,7 @@ transformers (the `hf-test` extra): fresh random models, as a user would
 save them, convert, score the same, and convert back bit for bit into a
 directory transformers loads.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,17 +28,9 @@ CASES = sorted(hf_reference.CASES)
 ATOL = 2e-5
 
 
-def _has_torch() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
-
-
 needs_torch = pytest.mark.skipif(
-    not _has_torch(), reason="torch and transformers not installed "
+    not all(importlib.util.find_spec(m) for m in ("torch", "transformers")),
+    reason="torch and transformers not installed "
     "(pip install -e '.[hf-test]'); the checked-in references still ran")
 
 
