@@ -29,7 +29,7 @@ import numpy as np
 
 from switchjax import findings
 from switchjax import grid
-from switchjax import model as model_lib
+from switchjax import cost_model
 from switchjax import train as train_lib
 from switchjax import validate
 
@@ -50,26 +50,6 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 10) -> float:
       y.block_until_ready()
       best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t))
   return best
-
-
-def step_flops(c) -> float:
-  """Matmul FLOPs of one decoder-only training step (3x the forward)."""
-  m, e = c.model, c.moe
-  length, tokens = c.data.seq_length, c.train.batch_size * c.data.seq_length
-  inner = m.num_heads * m.head_dim
-  mats = 3 if m.activation == "gated_gelu" else 2
-  fwd = 0.0
-  for i in range(m.num_decoder_layers):
-    fwd += tokens * (4 * 2 * m.d_model * inner + 2 * 2 * length * inner)
-    ffn = tokens * mats * 2 * m.d_model * m.d_ff
-    if model_lib.is_sparse_layer(i, e.num_experts, e.sparse_every,
-                                 e.sparse_offset):
-      k = 2 if e.router == "gshard" else e.num_selected
-      # The experts compute every slot of their buffers: cf x K x tokens.
-      ffn = ffn * k * e.train_capacity_factor + tokens * 2 * m.d_model * e.num_experts
-    fwd += ffn
-  fwd += tokens * 2 * m.d_model * m.vocab_size
-  return 3.0 * fwd
 
 
 def make_config(variant: str):
@@ -117,7 +97,7 @@ def main(argv=None) -> dict:
   for v in variants:
     c = runners[v][0]
     sec = statistics.median(times[v])
-    flops = step_flops(c) / sec
+    flops = cost_model.train_flops_per_step(c, slots=True) / sec
     rows.append({"variant": v, "step_ms": 1e3 * sec,
                  "tokens_per_sec": c.train.batch_size * c.data.seq_length / sec,
                  "gflops": flops / 1e9, "mfu": flops / peak,

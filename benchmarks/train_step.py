@@ -31,13 +31,14 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from switchjax import cost_model
 from switchjax import model as model_lib
 from switchjax import train as train_lib
 
@@ -100,36 +101,6 @@ def make_config(args: argparse.Namespace, variant: str) -> ml_collections.Config
   if variant == "expert_choice":
     e.encoder_router = "expert_choice"
   return c
-
-
-def model_flops(c: ml_collections.ConfigDict) -> float:
-  """Matmul FLOPs of one training step, active experts only (3x forward)."""
-  m, e, d = c.model, c.moe, c.data
-  b, li, lt = c.train.batch_size, d.inputs_length, d.targets_length
-  inner = m.num_heads * m.head_dim
-  ffn_mats = 3 if m.activation == "gated_gelu" else 2
-
-  def ffn(stack: str, layer: int) -> float:  # per token
-    dense = ffn_mats * 2 * m.d_model * m.d_ff
-    if not model_lib.is_sparse_layer(layer, e.num_experts, e.sparse_every,
-                                     e.sparse_offset):
-      return dense
-    router = model_lib.stack_router(e, stack)
-    k = {"switch": 1, "gshard": 2, "expert_choice": e.train_capacity_factor
-         }.get(router, e.num_selected)
-    d_ff = e.d_ff if e.d_ff > 0 else m.d_ff
-    return k * ffn_mats * 2 * m.d_model * d_ff + 2 * m.d_model * e.num_experts
-
-  proj = 4 * 2 * m.d_model * inner  # q, k, v, o per token
-  fwd = 0.0
-  for i in range(m.num_encoder_layers):
-    fwd += b * li * (proj + 2 * 2 * li * inner + ffn("encoder", i))
-  for i in range(m.num_decoder_layers):
-    fwd += b * lt * (proj + 2 * 2 * lt * inner + ffn("decoder", i))
-    # Cross-attention: q, o on decoder tokens, k, v on encoder tokens.
-    fwd += 2 * 2 * m.d_model * inner * b * (lt + li) + b * lt * 2 * 2 * li * inner
-  fwd += b * lt * 2 * m.d_model * m.vocab_size  # output logits
-  return 3.0 * fwd
 
 
 def synthetic_batch(c: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -221,12 +192,13 @@ def main(argv=None) -> list[dict]:
   dense = med.get("dense")
   for v, c in configs.items():
     tokens = c.train.batch_size * (c.data.inputs_length + c.data.targets_length)
-    flops = model_flops(c)
+    flops = cost_model.train_flops_per_step(c)
     row = {"variant": v, "step_ms": med[v]["wall"], "cpu_ms": med[v]["cpu"],
            "tokens_per_sec": tokens / (med[v]["wall"] / 1e3),
            "model_tflops": flops / 1e12,
-           "flops_vs_dense": (flops / model_flops(configs["dense"])
-                              if "dense" in configs else None),
+           "flops_vs_dense": (
+               flops / cost_model.train_flops_per_step(configs["dense"])
+               if "dense" in configs else None),
            "vs_dense": med[v]["wall"] / dense["wall"] if dense else None,
            "cpu_vs_dense": med[v]["cpu"] / dense["cpu"] if dense else None,
            "expert_mb": copies[v][2] / 2**20 if v in copies else None,

@@ -233,3 +233,13 @@ def switch_pretraining(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   t.learning_rate = 0.01
   t.warmup_steps = 10_000
   return c
+
+
+def config_arg(argv: list[str]) -> str:
+  """The value of --config in a command line ('path[:preset]'), or '?'."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"

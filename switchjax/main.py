@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from switchjax import config_base
 # --coordinator_address, --num_processes, --process_id (imports no JAX).
 from switchjax import distributed
 
@@ -33,6 +34,9 @@ flags.DEFINE_string("workdir", None, "Where metrics and checkpoints go; "
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume although the learning-rate schedule or other safe "
                   "keys (see README) differ from the run in --workdir.")
+flags.DEFINE_bool("check_memory", True,
+                  "Refuse, before allocating, a run whose estimated memory "
+                  "per device (switchjax.plan) exceeds what the devices hold.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -92,19 +96,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
                  if a.startswith("--config.") and key in a), "--config.*")
     _fail(f"{flag}: unknown config key {key!r}. {hint}")
   except OSError as e:  # the config file (read while applying overrides)
-    _fail(f"--config {_config_arg(argv)}: {_last_line(e)}")
+    _fail(f"--config {config_base.config_arg(argv)}: {_last_line(e)}")
   except Exception as e:  # pylint: disable=broad-except
     # Any other failure while parsing is a bad flag value too.
     _fail(_last_line(e))
-
-
-def _config_arg(argv: list[str]) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "?"
 
 
 def default_workdir(config_arg: str) -> str:
@@ -123,7 +118,7 @@ def _load_config():
     config.keys()
     return config
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f"--config {_config_arg(sys.argv)}: {_last_line(e)}")
+    _fail(f"--config {config_base.config_arg(sys.argv)}: {_last_line(e)}")
 
 
 def main(argv):
@@ -135,7 +130,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   _quiet_failed_save_echoes(logs=default_logs)
   config = _load_config()
-  workdir = FLAGS.workdir or default_workdir(_config_arg(sys.argv))
+  workdir = FLAGS.workdir or default_workdir(config_base.config_arg(sys.argv))
   try:
     # Before anything touches a device: multi-process runs join up here.
     distributed.initialize_from_flags()
@@ -151,7 +146,8 @@ def main(argv):
           "to choose)", flush=True)
   try:
     summary = train.train_and_evaluate(
-        config, workdir, allow_config_change=FLAGS.allow_config_change)
+        config, workdir, allow_config_change=FLAGS.allow_config_change,
+        memory_check=FLAGS.check_memory)
   except (validate.ConfigError, faults.RunError) as e:
     _fail(str(e))
   except OSError as e:  # before the loop: truncating metrics, config.json

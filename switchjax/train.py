@@ -24,6 +24,7 @@ from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
 from switchjax import faults
 from switchjax import init_from
+from switchjax import memory_plan
 from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
@@ -225,6 +226,23 @@ def _init_fn(config, tx, weights: Optional[init_from.Start] = None):
   return init
 
 
+def abstract_train_state(config: ml_collections.ConfigDict,
+                         tx: Optional[optax.GradientTransformation] = None
+                         ) -> dict[str, Any]:
+  """The train state's ShapeDtypeStructs (no shardings), allocating nothing."""
+  tx = optim.make_optimizer(config) if tx is None else tx
+  return jax.eval_shape(_init_fn(config, tx))
+
+
+def check_memory(config: ml_collections.ConfigDict) -> None:
+  """Refuses (validate.ConfigError) a run whose step cannot fit its devices,
+  from abstract shapes (switchjax.memory_plan): nothing is allocated."""
+  problem = memory_plan.refusal(config, abstract_train_state(config),
+                                jax.devices())
+  if problem:
+    raise validate.ConfigError(problem)
+
+
 def make_trainer(config: ml_collections.ConfigDict,
                  devices: Optional[Sequence[jax.Device]] = None) -> Trainer:
   """The Trainer of `config` on a mesh of `devices` (default: all devices)."""
@@ -239,7 +257,7 @@ def make_trainer(config: ml_collections.ConfigDict,
   # unused param initialisers, so this allocates no weights.
   rng_state = jax.jit(lambda: nnx.split(model_lib.build_model(
       config, rngs=_make_rngs(config.seed)), nnx.Param, ...)[2])()
-  abstract_state = jax.eval_shape(_init_fn(config, tx))
+  abstract_state = abstract_train_state(config, tx)
   shardings = partitioning.state_shardings(
       abstract_state, mesh, partitioning.rules_from_config(config))
   abstract_state = jax.tree.map(
@@ -342,9 +360,12 @@ class _Run:
 
 
 def _setup_run(config: ml_collections.ConfigDict, workdir: str,
-               allow_config_change: bool) -> _Run:
+               allow_config_change: bool, memory_check: bool = True) -> _Run:
   """Checks config and workdir, builds the trainer, restores or inits the
   state, and opens the data, checkpoints and metrics of a run."""
+  if memory_check:  # before the data checks: a run that cannot fit, first
+    validate.check_config(config)
+    check_memory(config)
   config = validate.prepare(config)  # fills vocab_size, checks everything
   validate.check_workdir(config, workdir, allow_config_change)
   trainer = make_trainer(config)
@@ -504,7 +525,8 @@ def _summarize(run: _Run) -> dict[str, Any]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       *, allow_config_change: bool = False) -> dict[str, Any]:
+                       *, allow_config_change: bool = False,
+                       memory_check: bool = True) -> dict[str, Any]:
   """Trains config in workdir (resuming if it holds a run); returns a summary.
 
   Stops early, saving the step, on SIGTERM/SIGINT (summary["preempted"]
@@ -512,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate.ConfigError before writing anything; faults during the run raise
   faults.RunError (NonFiniteError, checkpoint.CheckpointError) in one line.
   """
-  run = _setup_run(config, workdir, allow_config_change)
+  run = _setup_run(config, workdir, allow_config_change, memory_check)
   try:
     _train_loop(run)
   except OSError as e:

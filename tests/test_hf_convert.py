@@ -212,7 +212,10 @@ def test_checked_in_references_are_transformers_outputs():
     stored = dict(np.load(os.path.join(src, "expected.npz")))
     assert sorted(now) == sorted(stored)
     for k in now:
-      np.testing.assert_allclose(now[k], stored[k], atol=1e-6, err_msg=k)
+      # torch's float32 sums run in an order that depends on its thread
+      # count (a busy machine: up to 5e-6 apart on logits of ~10).
+      np.testing.assert_allclose(now[k], stored[k], rtol=1e-5, atol=1e-5,
+                                 err_msg=k)
 
 
 def test_sharded_safetensors_read_back_as_one(tmp_path):
