@@ -147,21 +147,64 @@ class MultiHeadAttention(nnx.Module):
         truncated_normal_init(math.sqrt(init_scale / (num_heads * head_dim))),
         rngs, (num_heads, head_dim, d_model), ("heads", "kv", "embed"))
     self.dropout = dropout(dropout_rate, rngs)
+    # Decoding caches (`init_cache`, `cache_inputs`); None in training, and
+    # then not part of the model's state.
+    self.cached_key = nnx.data(None)
+    self.cached_value = nnx.data(None)
+    self.cache_index = nnx.data(None)
 
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
+  def _key_value(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, T, M] -> keys, values [B, T, N, D] in `dtype`."""
+    dt = self.dtype
+    xkv = inputs_kv.astype(dt)
+    return (jnp.einsum("BTM,MND->BTND", xkv, self.key[...].astype(dt)),
+            jnp.einsum("BTM,MND->BTND", xkv, self.value[...].astype(dt)))
+
+  def init_cache(self, batch: int, length: int) -> None:
+    """Self-attention decoding: room for `length` keys and values per row.
+
+    Each call then writes its Q new keys/values at `cache_index` (shared by
+    the rows), advances it by Q and attends over all `length` cached entries
+    (the caller's mask hides those not yet written).
+    """
+    _, n, d = self.key.shape
+    zeros = jnp.zeros((batch, length, n, d), self.dtype)
+    self.cached_key = nnx.Cache(zeros)
+    self.cached_value = nnx.Cache(zeros)
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def cache_inputs(self, inputs_kv: jax.Array) -> None:
+    """Cross-attention decoding: project fixed inputs [B, T, M] (the encoder's
+    output) once; calls then attend over them and ignore `inputs_kv`."""
+    k, v = self._key_value(inputs_kv)
+    self.cached_key = nnx.Cache(k)
+    self.cached_value = nnx.Cache(v)
+    self.cache_index = None
+
+  def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array], *,
                mask: Optional[jax.Array] = None,
                bias: Optional[jax.Array] = None) -> jax.Array:
     """Attention of inputs_q [B, Q, M] over inputs_kv [B, T, M].
 
     mask: bool[B, 1|N, Q, T], False = may not attend.
     bias: f32[B|1, N, Q, T] added to the logits (relative positions).
+    With a cache, T is the cache's length (see `init_cache`, `cache_inputs`).
     Returns [B, Q, M] in `dtype`.
     """
     dt = self.dtype
-    xq, xkv = inputs_q.astype(dt), inputs_kv.astype(dt)
-    q = jnp.einsum("BQM,MND->BQND", xq, self.query[...].astype(dt))
-    k = jnp.einsum("BTM,MND->BTND", xkv, self.key[...].astype(dt))
-    v = jnp.einsum("BTM,MND->BTND", xkv, self.value[...].astype(dt))
+    q = jnp.einsum("BQM,MND->BQND", inputs_q.astype(dt),
+                   self.query[...].astype(dt))
+    if self.cached_key is None:
+      k, v = self._key_value(inputs_kv)
+    elif self.cache_index is None:
+      k, v = self.cached_key[...], self.cached_value[...]
+    else:
+      new_k, new_v = self._key_value(inputs_kv)
+      at = (0, self.cache_index[...], 0, 0)
+      k = jax.lax.dynamic_update_slice(self.cached_key[...], new_k, at)
+      v = jax.lax.dynamic_update_slice(self.cached_value[...], new_v, at)
+      self.cached_key[...], self.cached_value[...] = k, v
+      self.cache_index[...] += q.shape[1]
     # Logits and softmax in f32: bf16 logits lose the small bias differences.
     logits = jnp.einsum("BQND,BTND->BNQT", q, k,
                         preferred_element_type=jnp.float32)

@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Sparse upcycling (Komatsuzaki et al. 2022): build this MoE from a trained
   # dense workdir, every expert a copy of its layer's dense FFN.
   t.upcycle_from = ""
+  # Parameters that do not train (switchjax/freeze.py): "experts", "router",
+  # "moe" (both), "non_experts" (all but both) or a regular expression over
+  # parameter paths; "" trains everything.
+  t.freeze = ""
   return c
 
 
@@ -143,6 +147,20 @@ PRESETS = ("full", "tiny")
 # The bundled SentencePiece model has 8000 pieces; with T5's 100 sentinels that
 # is 8100 ids, padded to a multiple of 128.
 BUNDLED_VOCAB_SIZE = 8192
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (a workdir's config.json), with the keys added since it
+  was written at their `base_config` defaults (which keep the old behaviour)."""
+  def merge(default: dict, got: dict) -> dict:
+    out = dict(got)
+    for k, v in default.items():
+      if k not in out:
+        out[k] = v
+      elif isinstance(v, dict) and isinstance(out[k], dict):
+        out[k] = merge(v, out[k])
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -257,6 +257,7 @@ SCHEMA: dict[str, Spec] = {
     "train.nan_policy": Choice(faults.NAN_POLICIES),
     "train.init_from": STR,
     "train.upcycle_from": STR,
+    "train.freeze": STR,
 }
 # Every partitioning rule: mesh axes, comma-separated ('' = replicated);
 # parsed by partitioning.rules_from_config.

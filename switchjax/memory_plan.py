@@ -92,11 +92,12 @@ def _shard_bytes(leaf: jax.ShapeDtypeStruct, spec: P, mesh: AbstractMesh) -> int
 
 
 def state_bytes(abstract_state: Any, mesh: Mapping[str, int],
-                rules: partitioning.Rules) -> tuple[int, int]:
-  """(params, everything else) bytes per device of the train state."""
+                rules: partitioning.Rules, freeze: str = "") -> tuple[int, int]:
+  """(params, everything else) bytes per device of the train state
+  (`freeze`: its train.freeze)."""
   amesh = AbstractMesh(tuple(mesh[a] for a in partitioning.MESH_AXES),
                        partitioning.MESH_AXES)
-  specs = partitioning.state_specs(abstract_state, amesh, rules)
+  specs = partitioning.state_specs(abstract_state, amesh, rules, freeze)
   is_spec = lambda x: isinstance(x, P)  # pylint: disable=unnecessary-lambda-assignment
   sizes = {}
   for key in abstract_state:
@@ -128,7 +129,7 @@ def estimate(config: ml_collections.ConfigDict, abstract_state: Any,
   ({'data': d, 'expert': x, 'model': m}); `abstract_state` is its train
   state's ShapeDtypeStructs (train.abstract_train_state)."""
   rules = partitioning.rules_from_config(config)
-  params, rest = state_bytes(abstract_state, mesh, rules)
+  params, rest = state_bytes(abstract_state, mesh, rules, config.train.freeze)
   return Estimate(
       mesh=dict(mesh), params=params, grads=params, optimizer=rest,
       activations=int(cost_model.activation_bytes(

@@ -206,16 +206,21 @@ class Stack(nnx.Module):
 
   def __call__(self, x: jax.Array, *, mask: jax.Array,
                positions: Optional[jax.Array] = None,
+               key_positions: Optional[jax.Array] = None,
                encoded: Optional[jax.Array] = None,
                cross_mask: Optional[jax.Array] = None
                ) -> tuple[jax.Array, list[moe_lib.MoeOutput]]:
     """Embedded inputs x [B, L, M] -> (normed outputs [B, L, M], MoE outputs).
 
-    positions: i32[B, L] for the relative position bias (default 0..L-1).
+    positions: i32[B|1, L] for the relative position bias (default 0..L-1).
+    key_positions: i32[B|1, T] of the keys (default `positions`); decoding
+      with a cache of T entries passes them (`switchjax.decoding`).
     """
     if positions is None:
       positions = jnp.arange(x.shape[1])[None]
-    bias = self.relative_position_bias(positions, positions)
+    if key_positions is None:
+      key_positions = positions
+    bias = self.relative_position_bias(positions, key_positions)
     x = self.dropout(x)
     moe_outputs = []
     for layer in self.layers:
@@ -289,6 +294,18 @@ class EncoderDecoder(_LanguageModel):
     self.decoder = Stack(config, name="decoder", num_layers=m.num_decoder_layers,
                          causal=True, cross_attention=True, rngs=rngs)
 
+  def encode(self, tokens: jax.Array, *,
+             segment_ids: Optional[jax.Array] = None,
+             positions: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, list[moe_lib.MoeOutput]]:
+    """Encoder tokens i32[B, Li] (0 = padding) -> ([B, Li, M], MoE outputs)."""
+    valid = tokens > 0
+    mask = attention.make_attention_mask(
+        valid, valid, query_segment_ids=segment_ids,
+        key_segment_ids=segment_ids)
+    return self.encoder(self.embed(tokens, self.encoder_embedding), mask=mask,
+                        positions=positions)
+
   def __call__(self, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *,
                encoder_segment_ids: Optional[jax.Array] = None,
@@ -303,14 +320,10 @@ class EncoderDecoder(_LanguageModel):
     decoder_segment_ids (0 = padding) when given; without them the causal
     mask already hides trailing padding from every earlier position.
     """
+    encoded, enc_moe = self.encode(encoder_input_tokens,
+                                   segment_ids=encoder_segment_ids,
+                                   positions=encoder_positions)
     enc_valid = encoder_input_tokens > 0
-    enc_mask = attention.make_attention_mask(
-        enc_valid, enc_valid, query_segment_ids=encoder_segment_ids,
-        key_segment_ids=encoder_segment_ids)
-    encoded, enc_moe = self.encoder(
-        self.embed(encoder_input_tokens, self.encoder_embedding), mask=enc_mask,
-        positions=encoder_positions)
-
     dec_valid = (decoder_segment_ids > 0 if decoder_segment_ids is not None
                  else jnp.ones(decoder_input_tokens.shape, jnp.bool_))
     dec_mask = attention.make_attention_mask(

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from switchjax import freeze
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "cosine")
 
@@ -114,6 +116,8 @@ def per_matrix(inner: optax.GradientTransformation
     leaf_views = []
     for path, x in jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=_is_variable)[0]:
+      if not jax.tree.leaves(x):  # a frozen param (optax.MaskedNode)
+        continue
       view = _matrix_view(path, x.shape, logical_names(x))
       leaf_views += [view] * len(jax.tree.leaves(x))
     flat, treedef = jax.tree_util.tree_flatten(tree)
@@ -228,4 +232,4 @@ def make_optimizer(config: ml_collections.ConfigDict
   if t.weight_decay > 0:
     chain.append(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask))
   chain.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*chain)
+  return freeze.wrap(optax.chain(*chain), t.freeze)

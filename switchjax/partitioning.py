@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from switchjax import config_base
+from switchjax import freeze as freeze_lib
 from switchjax import optim
 
 MESH_AXES = ("data", "expert", "model")
@@ -202,7 +203,7 @@ def param_specs(params: Any, mesh: Any, rules: Optional[Rules] = None) -> Any:
 
 
 def _per_matrix_specs(state: optim.PerMatrixState, params: Any, mesh,
-                      rules) -> optim.PerMatrixState:
+                      rules, freeze: str = "") -> optim.PerMatrixState:
   """Specs of per-leaf Adafactor state: each entry follows its parameter.
 
   Entry i holds the inner state of parameter leaf i, vmapped over the
@@ -210,7 +211,9 @@ def _per_matrix_specs(state: optim.PerMatrixState, params: Any, mesh,
   keep the parameter's names on those leading axes, and on the rest only
   when their shape is the parameter's (the unfactored second moment).
   """
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]
+  flat = [(path, p) for path, p in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_var)[0]  # frozen params have no state
+          if not freeze_lib.is_frozen(freeze_lib.param_path(path), freeze)]
   if len(flat) != len(state.leaves):
     raise ValueError(
         f"optimizer state holds {len(state.leaves)} leaves, params have "
@@ -235,12 +238,13 @@ def _per_matrix_specs(state: optim.PerMatrixState, params: Any, mesh,
 
 
 def state_specs(abstract_state: Any, mesh: Any,
-                rules: Optional[Rules] = None) -> Any:
+                rules: Optional[Rules] = None, freeze: str = "") -> Any:
   """PartitionSpecs for every leaf of a train state {step, params, opt_state}.
 
   Params from their logical names; optimizer state that mirrors the params
   (AdamW's mu/nu carry the same Variables) likewise; per-matrix Adafactor
-  state via `_per_matrix_specs`; everything else replicated.
+  state via `_per_matrix_specs` (of the params that train under `freeze`,
+  train.freeze); everything else replicated.
   """
   params = (abstract_state.get("params")
             if isinstance(abstract_state, dict) else None)
@@ -253,16 +257,18 @@ def state_specs(abstract_state: Any, mesh: Any,
       if params is None:
         raise ValueError("Adafactor state needs the params next to it "
                          "(a state dict with 'params')")
-      return _per_matrix_specs(x, params, mesh, rules)
+      return _per_matrix_specs(x, params, mesh, rules, freeze)
+    if _is_var(x) and not jax.tree.leaves(x):  # a frozen param's MaskedNode
+      return x
     spec = _leaf_spec(x, mesh, rules)
     return x.replace(spec) if _is_var(x) else spec
   return jax.tree.map(f, abstract_state, is_leaf=is_leaf)
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
-                    rules: Optional[Rules] = None) -> Any:
+                    rules: Optional[Rules] = None, freeze: str = "") -> Any:
   """NamedShardings for every leaf of the train state (see state_specs)."""
-  specs = state_specs(abstract_state, mesh, rules)
+  specs = state_specs(abstract_state, mesh, rules, freeze)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
 

@@ -23,6 +23,7 @@ import optax
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
 from switchjax import faults
+from switchjax import freeze
 from switchjax import init_from
 from switchjax import memory_plan
 from switchjax import model as model_lib
@@ -107,7 +108,8 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key):
   (total, (ce, aux)), grads = grad_fn(model, batch)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  grad_norm = optax.tree.norm(grads)
+  # Of the parameters that train: frozen ones' gradients are then unused.
+  grad_norm = optax.tree.norm(freeze.trainable(grads, config.train.freeze))
   param_norm = optax.tree.norm(params)
   # One flag for loss, gradients and the updated params: the host reads it
   # (faults.FiniteWatch) instead of every value.
@@ -259,7 +261,8 @@ def make_trainer(config: ml_collections.ConfigDict,
       config, rngs=_make_rngs(config.seed)), nnx.Param, ...)[2])()
   abstract_state = abstract_train_state(config, tx)
   shardings = partitioning.state_shardings(
-      abstract_state, mesh, partitioning.rules_from_config(config))
+      abstract_state, mesh, partitioning.rules_from_config(config),
+      config.train.freeze)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
@@ -322,7 +325,23 @@ def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
 
 def _param_count_line(config) -> str:
   total, active = model_lib.param_counts(config)
-  return f"parameters: {total:,} total, {active:,} active per token"
+  line = f"parameters: {total:,} total, {active:,} active per token"
+  if config.train.freeze:
+    trains, _ = check_freeze(config)
+    line += (f"; {trains:,} train, {total - trains:,} frozen "
+             f"(train.freeze={config.train.freeze!r})")
+  return line
+
+
+def check_freeze(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(parameters that train, all parameters) under train.freeze, or
+  validate.ConfigError if it selects none or all of them."""
+  params = nnx.state(nnx.eval_shape(lambda: model_lib.build_model(
+      config, rngs=_make_rngs(config.seed))), nnx.Param)
+  try:
+    return freeze.check(params, config.train.freeze)
+  except freeze.FreezeError as e:
+    raise validate.ConfigError(str(e)) from None
 
 
 def _is_time(step: int, every: int, last: int) -> bool:
@@ -365,6 +384,9 @@ def _setup_run(config: ml_collections.ConfigDict, workdir: str,
   state, and opens the data, checkpoints and metrics of a run."""
   if memory_check:  # before the data checks: a run that cannot fit, first
     validate.check_config(config)
+  if config.train.freeze:  # before the optimizer is built from it
+    check_freeze(config)
+  if memory_check:
     check_memory(config)
   config = validate.prepare(config)  # fills vocab_size, checks everything
   validate.check_workdir(config, workdir, allow_config_change)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from switchjax import config_base
 from switchjax import config_schema
 from switchjax import dispatch
 from switchjax import model
@@ -321,7 +322,7 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
     return
   try:
     with open(path) as f:
-      old = canonical_values(flatten(json.load(f)))
+      old = canonical_values(flatten(config_base.with_defaults(json.load(f))))
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); refusing to reuse "
                       "this workdir") from None

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from switchjax import checkpoint as ckpt_lib
+from switchjax import config_base
 
 
 class WeightsError(ValueError):
@@ -50,7 +51,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise WeightsError(f"{workdir} holds no config.json (not a switchjax run)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return config_base.with_defaults(json.load(f))
 
 
 def restore(workdir: str, abstract_state: Any,

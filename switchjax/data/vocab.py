@@ -8,6 +8,7 @@ up to a multiple of 128 (T5: 32000 + 100 -> 32128), so a few ids are unused.
 """
 import functools
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ BUNDLED_VOCAB_PATH = os.path.join(
     os.path.dirname(__file__), "vocab", "sentencepiece.model")
 EXTRA_IDS = 100
 VOCAB_MULTIPLE = 128  # embedding rows padded for even sharding / TPU tiles
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 class Vocabulary:
@@ -53,6 +55,17 @@ class Vocabulary:
     if isinstance(text, bytes):
       text = text.decode("utf-8")
     return self._sp.encode(text)
+
+  def encode_with_sentinels(self, text: str) -> list[int]:
+    """`encode`, with each `<extra_id_i>` in the text as sentinel i's id
+    (how a span-corruption prompt is written; plain `encode` splits it)."""
+    ids = []
+    for i, part in enumerate(_SENTINEL.split(text)):
+      if i % 2:
+        ids.append(self.sentinel_id(int(part)))
+      elif part.strip():
+        ids.extend(self.encode(part.strip()))
+    return ids
 
   def encode_np(self, text: str | bytes, append_eos: bool = False) -> np.ndarray:
     """`encode` as i32[L] (+1 with eos), the pipeline's form."""
