@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.mean_noise_span_length = 3.0
   d.seq_length = 512  # decoder_only sequence length
   d.shuffle_seed = 0
+  # A text-to-text task (e.g. "kjv_books"): each eval also decodes the first
+  # N validation examples and reports their exact match (0 = not).
+  d.exact_match_examples = 512
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 524288  # 2^19, T5's pre-training (Switch's 550k: switch_pretraining)

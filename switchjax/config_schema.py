@@ -231,7 +231,8 @@ SCHEMA: dict[str, Spec] = {
     "data.noise_density": Float(0.0, 1.0, low_open=True, high_open=True),
     "data.mean_noise_span_length": Float(1.0),
     "data.seq_length": Int(1),
-    "data.shuffle_seed": Int(0, 2**32 - 1),  # SeedSequence -> grain's uint32
+    "data.shuffle_seed": Int(0, 2**32 - 1),
+    "data.exact_match_examples": Int(0),  # SeedSequence -> grain's uint32
     # train
     "train.num_steps": Int(1),
     "train.batch_size": Int(1),

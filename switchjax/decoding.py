@@ -62,6 +62,9 @@ class Decoded:
   logits: Optional[np.ndarray] = None
 
 
+LENGTH_BUCKET = 16
+
+
 def padded_rows(rows: int, length: int, group_size: int) -> int:
   """Rows to run so that `group_size` groups B * length tokens evenly.
 
@@ -111,10 +114,12 @@ def decode_model(model: nnx.Module, rows: int, length: int, *,
 def _buffers(prompts: Sequence[Sequence[int]], encoder_decoder: bool,
              max_new_tokens: int, rows: int):
   """(decoder buffer i32[R, T], forced length i32[R], encoder i32[R, Li] or
-  None) for R >= len(prompts) rows, padded for the encoder's groups."""
-  longest = max(len(p) for p in prompts)
+  None) for R >= len(prompts) rows, padded for the encoder's groups. The
+  longest prompt is rounded up to a multiple of LENGTH_BUCKET, so that
+  batches of similar prompts reuse one compiled loop."""
+  longest = -(-max(len(p) for p in prompts) // LENGTH_BUCKET) * LENGTH_BUCKET
   if encoder_decoder:
-    enc = np.zeros((rows, max(longest, 1)), np.int32)  # 0 = padding
+    enc = np.zeros((rows, max(longest, LENGTH_BUCKET)), np.int32)  # 0: padding
     for i, p in enumerate(prompts):
       enc[i, :len(p)] = p
     forced = np.ones(rows, np.int32)  # the start id 0
@@ -159,7 +164,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   rows = n
   encoder_moe = _moe_layers(model.encoder) if encoder_decoder else []
   if encoder_moe:  # the encoder's groups must divide R * Li
-    rows = padded_rows(n, max(1, max(len(p) for p in prompts)),
+    longest = max(LENGTH_BUCKET, max(len(p) for p in prompts))
+    rows = padded_rows(n, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET,
                        encoder_moe[0].group_size)
   seq, forced, enc = _buffers(prompts, encoder_decoder, max_new_tokens, rows)
   length = seq.shape[1]

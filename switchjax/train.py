@@ -30,6 +30,7 @@ from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
 from switchjax import preemption
+from switchjax import task_eval
 from switchjax import upcycle
 from switchjax import validate
 from switchjax import workdir_lock
@@ -320,7 +321,15 @@ def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
       process_index=jax.process_index(), process_count=jax.process_count())
   rows = [trainer.eval_step(params, _global_batch(trainer, next(it)))
           for _ in range(eval_batches(config))]
-  return _mean_metrics(rows)
+  out = _mean_metrics(rows)
+  # A task: exact match by decoding (one process: its arrays are all here).
+  if (config.data.exact_match_examples and jax.process_count() == 1
+      and task_eval.is_task(config)):
+    model = nnx.merge(trainer.eval_graphdef, params, trainer.rng_state)
+    out["exact_match"] = task_eval.exact_match(
+        model, config, "validation", config.data.exact_match_examples
+    )["exact_match"]
+  return out
 
 
 def _param_count_line(config) -> str:

@@ -45,7 +45,7 @@ RUN_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
 SAFE_KEYS = ("train.learning_rate", "train.schedule", "train.warmup_steps",
              "train.grad_clip", "train.weight_decay", "train.nan_policy",
              "train.label_smoothing", "moe.eval_capacity_factor",
-             "moe.dispatch")  # 'gather' == 'einsum', but 'dropless' drops nothing
+             "moe.dispatch", "data.exact_match_examples")  # 'gather' == 'einsum', but 'dropless' drops nothing
 
 
 def _is_run_key(key: str) -> bool:
@@ -242,6 +242,16 @@ def _check_data(config) -> None:
     raise ConfigError(f"data.name: {' '.join(str(e).split())}") from None
 
 
+def _is_task(config) -> bool:
+  """Whether data.name is a text-to-text task (no span corruption)."""
+  from switchjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from switchjax.data import tfds_corpus  # pylint: disable=g-import-not-at-top
+  if config.data.name in tfds_corpus.BUNDLED_NAMES:
+    return False
+  return pipeline.is_task(tfds_corpus.data_source(
+      config.data.name, "validation", config.data.data_dir or None))
+
+
 def check_config(config: ml_collections.ConfigDict,
                  num_devices: Optional[int] = None) -> None:
   """Every key's kind and range, then the checks across keys, without the
@@ -268,9 +278,9 @@ def prepare(config: ml_collections.ConfigDict,
     vocab = data_lib.get_vocabulary(config)
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.vocab_path: {e}") from None
-  if config.model.arch == "encoder_decoder":
-    _check_span_corruption(config, vocab.extra_ids)
   _check_data(config)
+  if config.model.arch == "encoder_decoder" and not _is_task(config):
+    _check_span_corruption(config, vocab.extra_ids)
   if not config.train.init_from:
     config.model.vocab_size = vocab.vocab_size
   elif vocab.vocab_size > config.model.vocab_size:

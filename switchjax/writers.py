@@ -89,7 +89,8 @@ class MetricsWriter:
     summary = " ".join(
         f"{k}={v:.4g}" for k, v in record.items()
         if k in ("loss", "aux_loss", "z_loss", "dropped_fraction",
-                 "tokens_per_sec", "accuracy") and isinstance(v, float))
+                 "tokens_per_sec", "accuracy", "exact_match")
+        and isinstance(v, float))
     if self._bar is not None:
       if split is None:
         self._bar.set_postfix_str(summary)

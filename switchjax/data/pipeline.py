@@ -1,5 +1,8 @@
 """Grain input pipelines: documents -> tokens -> packed examples -> batches.
 
+(A text-to-text task, {inputs, targets} examples such as the bundled
+`kjv_books`, skips packing: one example a row, `_task_features`.)
+
 Every stage is a grain dataset, so the iterator's `get_state()` is a small
 dict (element counters) and `set_state()` continues the exact stream.
 
@@ -76,13 +79,57 @@ def _next_token_features(example):
   }
 
 
+def is_task(source) -> bool:
+  """Whether a data source holds text-to-text examples {inputs, targets}
+  (else documents {text} for pre-training)."""
+  return len(source) > 0 and "targets" in source[0]
+
+
+def task_ids(vocab: vocab_lib.Vocabulary, inputs: str, arch: str) -> list[int]:
+  """The ids a model of `arch` reads for a task's `inputs` before its answer:
+  encoder inputs + eos (T5), or for a decoder-only model eos (the document
+  boundary) + inputs + sentinel 0 (the separator before the answer)."""
+  ids = vocab.encode(inputs)
+  if arch == "decoder_only":
+    return [vocab.eos_id] + ids + [vocab.sentinel_id(0)]
+  return ids + [vocab.eos_id]
+
+
+def _task_features(example, *, vocab, arch, inputs_length, targets_length,
+                   seq_length):
+  """A text-to-text example as one row (no packing); inputs are truncated
+  from the end to fit, targets likewise (then without their eos)."""
+  text = lambda k: (example[k].decode("utf-8") if isinstance(example[k], bytes)
+                    else example[k])
+  prompt = task_ids(vocab, text("inputs"), arch)
+  answer = vocab.encode(text("targets")) + [vocab.eos_id]
+  if arch == "decoder_only":
+    prompt = prompt[:max(2, seq_length + 1 - len(answer))]
+    if prompt[-1] != vocab.sentinel_id(0):  # truncated: keep the separator
+      prompt[-1] = vocab.sentinel_id(0)
+    chunk = _pad(np.asarray(prompt + answer, np.int32)[:seq_length + 1],
+                 seq_length + 1)
+    targets = chunk[1:]
+    weights = (targets != 0) & (np.arange(seq_length) >= len(prompt) - 1)
+    return {"decoder_input_tokens": chunk[:-1], "decoder_target_tokens": targets,
+            "decoder_loss_weights": weights.astype(np.float32)}
+  targets = _pad(np.asarray(answer[:targets_length], np.int32), targets_length)
+  return {
+      "encoder_input_tokens": _pad(np.asarray(prompt[:inputs_length], np.int32),
+                                   inputs_length),
+      "decoder_input_tokens": _shift_right(targets),
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": (targets != 0).astype(np.float32),
+  }
+
+
 def _read_options(name: str) -> grain.ReadOptions:
   """How the documents are read.
 
   The bundled corpus is local and small: inline reads, no threads. Other tfds
   data (C4, perhaps on GCS) gets grain's reader threads to hide latency.
   """
-  if name in tfds_corpus.BUNDLED_NAMES:
+  if name in tfds_corpus.BUNDLED_NAMES or name in tfds_corpus.BUNDLED_TASKS:
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain.ReadOptions()
 
@@ -111,6 +158,9 @@ def make_dataset(config, split: str, *, batch_size: int, process_index: int = 0,
   source = tfds_corpus.data_source(config.data.name, split,
                                    config.data.data_dir or None)
 
+  if is_task(source):
+    return _task_dataset(config, source, train, batch_size, process_index,
+                         process_count, vocab)
   docs = grain.MapDataset.source(source)
   if len(docs) < process_count:
     raise ValueError(f"split {split!r} of {config.data.name!r} has {len(docs)} "
@@ -140,6 +190,22 @@ def make_dataset(config, split: str, *, batch_size: int, process_index: int = 0,
   return ds.batch(batch_size, drop_remainder=True)
 
 
+def _task_dataset(config, source, train, batch_size, process_index,
+                  process_count, vocab) -> grain.IterDataset:
+  """A text-to-text task's batches: one example a row, this process's slice,
+  shuffled per epoch in training, repeated forever."""
+  d = config.data
+  examples = grain.MapDataset.source(source)[process_index::process_count]
+  if train:
+    examples = examples.shuffle(seed=_seed(d.shuffle_seed, process_index))
+  examples = examples.repeat().map(functools.partial(
+      _task_features, vocab=vocab, arch=config.model.arch,
+      inputs_length=d.inputs_length, targets_length=d.targets_length,
+      seq_length=d.seq_length))
+  return examples.to_iter_dataset(_read_options(d.name)).batch(
+      batch_size, drop_remainder=True)
+
+
 def num_batches(config, split: str, *, batch_size: int,
                 process_count: int = 1) -> int:
   """Batches in one pass over `split`: what every process can read before
@@ -160,6 +226,8 @@ def _num_batches(name, data_dir, vocab_path, append_eos, chunk_length, split,
                  batch_size, process_count) -> int:
   vocab = vocab_lib.Vocabulary(vocab_path)
   source = tfds_corpus.data_source(name, split, data_dir)
+  if is_task(source):  # one example a row
+    return len(source) // process_count // batch_size
   lengths = np.array([vocab.encode_np(source[i]["text"],
                                       append_eos=append_eos).size
                       for i in range(len(source))])

@@ -12,8 +12,11 @@ import os
 import tensorflow_datasets as tfds
 
 from switchjax.data import corpus
+from switchjax.data import kjv_books
 
 BUNDLED_NAMES = ("bundled", "switchjax_corpus")
+# Text-to-text tasks built from the corpus: examples {"inputs", "targets"}.
+BUNDLED_TASKS = {"kjv_books": kjv_books.KjvBooks}
 
 
 class SwitchjaxCorpus(tfds.core.GeneratorBasedBuilder):
@@ -56,18 +59,20 @@ def _lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def bundled_builder(data_dir: str | None) -> SwitchjaxCorpus:
-  """The bundled corpus builder, prepared (array_record) in data_dir."""
-  builder = SwitchjaxCorpus(data_dir=data_dir, file_format="array_record")
+def bundled_builder(data_dir: str | None, cls=SwitchjaxCorpus
+                    ) -> tfds.core.GeneratorBasedBuilder:
+  """A bundled dataset's builder (the corpus, or a task of BUNDLED_TASKS),
+  prepared (array_record) in data_dir."""
+  builder = cls(data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
     with _lock(os.fspath(builder.data_dir) + ".lock"):
-      builder = SwitchjaxCorpus(data_dir=data_dir, file_format="array_record")
+      builder = cls(data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         builder.download_and_prepare(
             # Nothing to download; never ask GCS for a prepared copy.
             download_config=tfds.download.DownloadConfig(
                 try_download_gcs=False))
-        builder = SwitchjaxCorpus(data_dir=data_dir, file_format="array_record")
+        builder = cls(data_dir=data_dir, file_format="array_record")
   return builder
 
 
@@ -82,9 +87,12 @@ def _not_prepared(name: str, data_dir: str | None, why: str) -> ValueError:
 
 
 def data_source(name: str, split: str, data_dir: str | None):
-  """Random-access source of examples (dicts with 'text') for one split."""
+  """Random-access source of examples for one split: dicts with 'text' (a
+  corpus) or with 'inputs' and 'targets' (a text-to-text task)."""
   if name in BUNDLED_NAMES:
     builder = bundled_builder(data_dir)
+  elif name in BUNDLED_TASKS:
+    builder = bundled_builder(data_dir, BUNDLED_TASKS[name])
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
