@@ -10,6 +10,9 @@ update) on synthetic token batches. Variants:
   switch64       Switch top-1, E=64
   gshard8        GShard top-2, E=8 (twice the expert FLOPs of top-1)
   expert_choice  expert choice (E=8) in the encoder, Switch top-1 in the decoder
+  switch8_freeze_moe, switch8_freeze_non_experts
+                 switch8 fine-tuned with train.freeze=moe / non_experts (only
+                 the rest, or only the experts, get gradients and updates)
 
 Each step is compiled and warmed up, then the variants are timed one step
 at a time, interleaved, for `--repeats` rounds; the table gives median step
@@ -22,6 +25,7 @@ bf16); model FLOPs count the active matmuls only (3x the forward's).
 
   python -m benchmarks.train_step                    # ~15 min on 2 CPU cores
   python -m benchmarks.train_step --variants dense,switch8 --repeats 3
+  python -m benchmarks.train_step --variants switch8,switch8_freeze_moe,switch8_freeze_non_experts
   python -m benchmarks.train_step --dtype bfloat16 --batch_size 64 --peak_flops 989e12
 """
 from __future__ import annotations
@@ -42,7 +46,8 @@ from switchjax import cost_model
 from switchjax import model as model_lib
 from switchjax import train as train_lib
 
-VARIANTS = ("dense", "switch8", "switch64", "gshard8", "expert_choice")
+VARIANTS = ("dense", "switch8", "switch64", "gshard8", "expert_choice",
+            "switch8_freeze_moe", "switch8_freeze_non_experts")
 
 
 def _csv(kind):
@@ -51,7 +56,7 @@ def _csv(kind):
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
+  p.add_argument("--variants", type=_csv(str), default=list(VARIANTS[:5]),
                  help=f"comma-separated, from {VARIANTS}")
   p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
   p.add_argument("--inputs_length", type=int, default=128)
@@ -100,6 +105,7 @@ def make_config(args: argparse.Namespace, variant: str) -> ml_collections.Config
   e.router = "gshard" if variant == "gshard8" else "switch"
   if variant == "expert_choice":
     e.encoder_router = "expert_choice"
+  t.freeze = variant.partition("_freeze_")[2]
   return c
 
 

@@ -30,7 +30,7 @@ from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
 from switchjax import preemption
-from switchjax import task_eval
+from switchjax import exact_match as exact_match_lib
 from switchjax import upcycle
 from switchjax import validate
 from switchjax import workdir_lock
@@ -324,9 +324,9 @@ def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
   out = _mean_metrics(rows)
   # A task: exact match by decoding (one process: its arrays are all here).
   if (config.data.exact_match_examples and jax.process_count() == 1
-      and task_eval.is_task(config)):
+      and exact_match_lib.is_task(config)):
     model = nnx.merge(trainer.eval_graphdef, params, trainer.rng_state)
-    out["exact_match"] = task_eval.exact_match(
+    out["exact_match"] = exact_match_lib.exact_match(
         model, config, "validation", config.data.exact_match_examples
     )["exact_match"]
   return out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from switchjax import decoding
-from switchjax import task_eval
+from switchjax import exact_match as exact_match_lib
 from switchjax import train
 from switchjax.data import kjv_books
 from switchjax.data import pipeline
@@ -102,7 +102,7 @@ def test_exact_match_compares_decoded_text(monkeypatch):
                             steps=1)
   fake_generate.seen = 0
   monkeypatch.setattr(decoding, "generate", fake_generate)
-  got = task_eval.exact_match(None, config, "validation", examples=100)
+  got = exact_match_lib.exact_match(None, config, "validation", examples=100)
   assert got == {"exact_match": 0.5, "examples": 100}  # 50 right of 100
 
 
