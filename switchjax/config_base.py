@@ -142,6 +142,12 @@ def base_config() -> ml_collections.ConfigDict:
   # "moe" (both), "non_experts" (all but both) or a regular expression over
   # parameter paths; "" trains everything.
   t.freeze = ""
+  # Distillation (switchjax/distill.py): a teacher workdir, the weight of its
+  # soft targets (Switch: 0.25), and whether the student starts from its
+  # non-expert weights.
+  t.distill_from = ""
+  t.distill_alpha = 0.25
+  t.distill_init = False
   return c
 
 

@@ -259,6 +259,9 @@ SCHEMA: dict[str, Spec] = {
     "train.init_from": STR,
     "train.upcycle_from": STR,
     "train.freeze": STR,
+    "train.distill_from": STR,
+    "train.distill_alpha": Float(0.0, 1.0),
+    "train.distill_init": BOOL,
 }
 # Every partitioning rule: mesh axes, comma-separated ('' = replicated);
 # parsed by partitioning.rules_from_config.

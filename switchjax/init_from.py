@@ -39,7 +39,7 @@ Shapes = dict[str, tuple[tuple[int, ...], str]]
 Pick = Callable[[str, jax.Array, dict[str, jax.Array]], jax.Array]
 
 
-def _key(path) -> str:
+def path_key(path) -> str:
   """A jax key path -> 'decoder/layers/0/mlp/wi'."""
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -47,7 +47,7 @@ def _key(path) -> str:
 def flat(tree: Any) -> dict[str, Any]:
   """{'decoder/layers/0/mlp/wi': leaf} of a nested dict (a pure dict of params)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_key(p): leaf for p, leaf in leaves}
+  return {path_key(p): leaf for p, leaf in leaves}
 
 
 def shapes_of(params: nnx.State) -> Shapes:
@@ -109,7 +109,7 @@ def check_fits(key: str, source: Source, wanted: Shapes,
 def _saved_key(path) -> str:
   """The param path of a leaf of a checkpoint's saved params: a saved
   nnx.State keeps each Param's array under 'value'."""
-  return _key(path).removesuffix("/value")
+  return path_key(path).removesuffix("/value")
 
 
 def _state_metadata(path: str, key: str, step: int) -> dict:
@@ -214,7 +214,7 @@ class Start:
     """fresh: the model's freshly initialised params (nnx.State); arrays:
     `read()`'s. The start params, in `fresh`'s structure."""
     pure = jax.tree_util.tree_map_with_path(
-        lambda p, v: self.pick(_key(p), v, arrays), nnx.to_pure_dict(fresh))
+        lambda p, v: self.pick(path_key(p), v, arrays), nnx.to_pure_dict(fresh))
     nnx.replace_by_pure_dict(fresh, pure)
     return fresh
 

@@ -22,6 +22,7 @@ import optax
 
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
+from switchjax import distill
 from switchjax import faults
 from switchjax import freeze
 from switchjax import init_from
@@ -87,25 +88,35 @@ def _router_metrics(aux: model_lib.ModelAux,
   return out
 
 
-def _loss_fn(model, batch, config):
-  """The training objective: token cross-entropy plus the router losses."""
+def _loss_fn(model, batch, config, teacher_logits=None):
+  """The training objective: token cross-entropy plus the router losses;
+  with a teacher's logits, (1 - alpha) of it and alpha of the soft one."""
   logits, aux = model(**model_inputs(batch, config.model.arch))
   loss, ce = cross_entropy(
       logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
       config.train.label_smoothing, config.train.logits_z_loss)
+  if teacher_logits is not None:
+    alpha = config.train.distill_alpha
+    ce["distill_loss"] = distill.soft_cross_entropy(
+        logits, teacher_logits, batch["decoder_loss_weights"])
+    loss = (1 - alpha) * loss + alpha * ce["distill_loss"]
   total = (loss + config.moe.aux_loss_coef * aux.aux_loss
            + config.moe.z_loss_coef * aux.z_loss)
   return total, (ce, aux)
 
 
-def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key):
+def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
+                teacher=None, teacher_params=None):
   """One optimizer step on `batch`: (new state, metrics)."""
+  teacher_logits = None if teacher is None else distill.teacher_logits(
+      teacher, teacher_params, model_inputs(batch, config.model.arch))
   model = nnx.merge(graphdef, state["params"], rng_state)
   step_key = jax.random.fold_in(base_key, state["step"])
   nnx.reseed(model, **{s: jax.random.fold_in(step_key, i)
                        for i, s in enumerate(RNG_STREAMS)})
   grad_fn = nnx.value_and_grad(
-      lambda model, batch: _loss_fn(model, batch, config), has_aux=True)
+      lambda model, batch: _loss_fn(model, batch, config, teacher_logits),
+      has_aux=True)
   (total, (ce, aux)), grads = grad_fn(model, batch)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -129,6 +140,7 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key):
              "accuracy": ce["accuracy"],
              "grad_norm": grad_norm, "param_norm": param_norm,
              "skipped_steps": skipped, "finite": finite,
+             **{k: ce[k] for k in ("distill_loss",) if k in ce},
              **_router_metrics(aux)}
   new_state = {"step": state["step"] + 1, "params": params,
                "opt_state": opt_state, "skipped_steps": skipped}
@@ -165,7 +177,7 @@ class Trainer:
   # of the compiled step, not a constant in it, so runs that differ only in
   # the seed share one compilation (the persistent cache of a sweep).
   base_key: jax.Array = dataclasses.field(init=False, repr=False)
-
+  teacher: Optional[distill.Teacher] = None  # train.distill_from
   def init_state(self, weights: Optional[init_from.Start] = None
                  ) -> dict[str, Any]:
     """A fresh train state at step 0; its params from `weights` where given
@@ -175,7 +187,9 @@ class Trainer:
     return init() if weights is None else init(weights.read())
 
   def train_step(self, state, batch):
-    return self._jit_train(state, self.rng_state, self.base_key, batch)
+    teacher = None if self.teacher is None else self.teacher.params
+    return self._jit_train(state, self.rng_state, self.base_key, batch,
+                           teacher)
 
   def eval_step(self, params, batch):
     return self._jit_eval(params, self.rng_state, batch)
@@ -187,10 +201,11 @@ class Trainer:
     self.base_key = jax.jit(lambda: jax.random.key(c.seed + 1),
                             out_shardings=rep)()
 
-    def train_step(state, rng_state, base_key, batch):
+    def train_step(state, rng_state, base_key, batch, teacher_params):
       return _train_step(state, rng_state, batch, config=c,
                          graphdef=self.train_graphdef, tx=self.tx,
-                         base_key=base_key)
+                         base_key=base_key, teacher=self.teacher,
+                         teacher_params=teacher_params)
 
     def eval_step(params, rng_state, batch):
       return _eval_step(params, rng_state, batch, config=c,
@@ -202,7 +217,8 @@ class Trainer:
     # them to place their groups and experts (switchjax/expert_parallel.py).
     self._jit_train = jax.jit(
         partitioning.in_mesh(train_step, self.mesh, rules),
-        in_shardings=(self.state_shardings, rep, rep, self.batch_sharding),
+        in_shardings=(self.state_shardings, rep, rep, self.batch_sharding,
+                      rep),
         out_shardings=(self.state_shardings, rep),
         donate_argnums=(0,))
     self._jit_eval = jax.jit(
@@ -247,8 +263,10 @@ def check_memory(config: ml_collections.ConfigDict) -> None:
 
 
 def make_trainer(config: ml_collections.ConfigDict,
-                 devices: Optional[Sequence[jax.Device]] = None) -> Trainer:
-  """The Trainer of `config` on a mesh of `devices` (default: all devices)."""
+                 devices: Optional[Sequence[jax.Device]] = None,
+                 teacher: bool = False) -> Trainer:
+  """The Trainer of `config` on a mesh of `devices` (default: all devices);
+  `teacher`: with train.distill_from's teacher loaded (for training)."""
   mesh = partitioning.make_mesh(config, devices)
   tx = optim.make_optimizer(config)
   abstract_model = nnx.eval_shape(
@@ -269,7 +287,9 @@ def make_trainer(config: ml_collections.ConfigDict,
       abstract_state, shardings)
   return Trainer(config=config, mesh=mesh, train_graphdef=train_graphdef,
                  eval_graphdef=eval_graphdef, rng_state=rng_state, tx=tx,
-                 abstract_state=abstract_state, state_shardings=shardings)
+                 abstract_state=abstract_state, state_shardings=shardings,
+                 teacher=distill.load(config.train.distill_from, config, mesh)
+                 if teacher and config.train.distill_from else None)
 
 
 def _tokens_per_batch(config) -> int:
@@ -399,7 +419,7 @@ def _setup_run(config: ml_collections.ConfigDict, workdir: str,
     check_memory(config)
   config = validate.prepare(config)  # fills vocab_size, checks everything
   validate.check_workdir(config, workdir, allow_config_change)
-  trainer = make_trainer(config)
+  trainer = make_trainer(config, teacher=True)
   # Checkpoints of another model are refused before anything is written.
   ckpt_lib.check_compatible(workdir, trainer.abstract_state)
   weights = _start_weights(config, workdir, trainer)  # or refuses them
@@ -418,9 +438,12 @@ def _start_weights(config: ml_collections.ConfigDict, workdir: str,
   """The weights a new run starts from (train.init_from / upcycle_from), or
   None: fresh ones, or a run with checkpoints, which resumes from them."""
   t = config.train
-  if not (t.init_from or t.upcycle_from) or ckpt_lib.steps_on_disk(workdir):
+  if not (t.init_from or t.upcycle_from or t.distill_init) or (
+      ckpt_lib.steps_on_disk(workdir)):
     return None
   params = trainer.abstract_state["params"]
+  if t.distill_init:
+    return distill.init_start(t.distill_from, params, trainer.mesh)
   if t.init_from:
     return init_from.start(t.init_from, params)
   return upcycle.start(t.upcycle_from, params, trainer.mesh)
@@ -436,6 +459,8 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str,
     validate.write_config(config, workdir)
     print(f"mesh {dict(trainer.mesh.shape)}; {_param_count_line(config)}",
           flush=True)
+    if trainer.teacher is not None:
+      print(trainer.teacher.line, flush=True)
   train_iter = data_lib.make_iterator(
       config, "train",
       batch_size=config.train.batch_size // jax.process_count(),

@@ -196,6 +196,13 @@ def _check_start(config) -> None:
     raise ConfigError(
         f"train.init_from={t.init_from} and train.upcycle_from="
         f"{t.upcycle_from} are both set; a run starts from one of them")
+  if t.distill_init and not t.distill_from:
+    raise ConfigError("train.distill_init starts the student from the teacher's "
+                      "weights, but train.distill_from is not set")
+  if t.distill_init and (t.init_from or t.upcycle_from):
+    raise ConfigError("train.distill_init and train."
+                      f"{'init_from' if t.init_from else 'upcycle_from'} are "
+                      "both set; a run starts from one of them")
   if t.upcycle_from and config.moe.num_experts == 0:
     raise ConfigError(
         f"train.upcycle_from={t.upcycle_from} builds an MoE model, but "
