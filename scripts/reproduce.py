@@ -154,7 +154,7 @@ def make_grid(findings: list[str], seeds: list[int],
   def phase_of(kv) -> int:
     if kv[1].get("train.num_steps", steps) > steps:
       return PHASES.index("long")
-    started = any(kv[1].get(k) for k in F.STARTS.values())
+    started = any(kv[1].get(k) for k in F.START_KEYS)
     return PHASES.index("started" if started else "protocol")
 
   runs = dict(sorted(runs.items(), key=phase_of))  # stable: keeps the order

@@ -1,4 +1,4 @@
-"""The reproduction's eight findings: which cells each trains, how it is judged.
+"""The reproduction's nine findings: which cells each trains, how it is judged.
 
 Every cell is `experiments/repro/protocol.py:switch` plus the overrides in CELLS,
 trained once per seed in DIR/<cell>_s<seed> (`run_name`). Seed i of every
@@ -40,6 +40,12 @@ STRESS_FRACTION = 5  # stress runs train a fifth of the protocol's steps
 # a half of the protocol's steps more, each with its own cosine schedule.
 CONTINUE_FRACTION = 2
 STARTS = {"dense_cont": "train.init_from", "upcycled": "train.upcycle_from"}
+# (j): a dense student of the protocol's length distilled from DIR/switch_s<seed>
+# (Switch §5: alpha 0.25, started from the teacher's non-expert weights).
+DISTILL = {"moe.num_experts": 0, "train.distill_alpha": 0.25,
+           "train.distill_init": True}
+# Overrides that make a run start from another run's workdir.
+START_KEYS = (*STARTS.values(), "train.distill_from")
 
 
 def _stress(router_dtype: str, init: float, lr: float) -> dict[str, Any]:
@@ -66,6 +72,7 @@ CELLS: dict[str, dict[str, Any]] = {
     # MoE computes the dense model at its first step); `cell_overrides`.
     "dense_cont": {"moe.num_experts": 0},
     "upcycled": TOP2,
+    "distilled": DISTILL,  # + train.distill_from: `cell_overrides`
     "ed_top2": {**ENCDEC, **TOP2},
     "ed_ec": {**ENCDEC, **TOP2, "moe.encoder_router": "expert_choice"},
     **{stress_cell(dt, init, lr): _stress(dt, init, lr)
@@ -92,6 +99,8 @@ def cell_overrides(cell: str, steps: int, seed: int = 0,
     n = max(2, steps // STRESS_FRACTION)
     out.update({"train.num_steps": n, "train.warmup_steps": n // 10,
                 "train.eval_every": n, "train.checkpoint_every": n})
+  elif cell == "distilled":
+    out["train.distill_from"] = os.path.join(workdir, run_name("switch", seed))
   elif cell in STARTS:
     n = max(2, steps // CONTINUE_FRACTION)
     out.update({STARTS[cell]: os.path.join(workdir, run_name("dense", seed)),
@@ -314,6 +323,24 @@ def analyse_h(runs: Runs, seeds: Sequence[int]) -> dict:
   return out
 
 
+def analyse_j(runs: Runs, seeds: Sequence[int]) -> dict:
+  """The distilled dense student against the dense model trained alone; the
+  fraction of the teacher's gain it keeps, where the teacher has one."""
+  out = _pair("j", runs, seeds, "distilled", "dense",
+              "eval loss, distilled dense student - dense")
+  dense, switch, student = (_losses(runs, c, seeds)
+                            for c in ("dense", "switch", "distilled"))
+  out["values"]["switch"] = switch
+  gains = [d - s for d, s in zip(dense, switch)]
+  out["teacher_gain"] = [float(g) for g in gains]
+  # Switch Table 6: (dense - student) / (dense - teacher), ~30 %. Only where
+  # the teacher beats dense in every seed: a ratio over ~0 means nothing.
+  out["kept_fraction"] = ([float((d - x) / g) for d, x, g in
+                           zip(dense, student, gains)]
+                          if all(g > 0 for g in gains) else None)
+  return out
+
+
 def _stress_summary(runs: Runs, seeds, router_dtype, init) -> dict[str, Any]:
   out = {}
   for lr in STRESS_LRS:
@@ -410,4 +437,8 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in (
     Finding("h", "Sparse upcycling beats continuing the dense run for the "
             "same extra tokens (Komatsuzaki et al. 2022)",
             (("dense", "top2"), ("dense_cont", "upcycled")), analyse_h),
+    Finding("j", "A dense student distilled from a Switch teacher beats the "
+            "dense model trained alone (Switch §5, Table 6: ~30 % of the "
+            "teacher's gain kept)", (("dense", "switch"), ("distilled",)),
+            analyse_j),
 )}

@@ -356,6 +356,19 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
         "et al. compare the upcycled model with the continued dense one at "
         "equal extra compute; the upcycled experts are copies of the dense "
         "FFN, so it computes the dense model at its first step).")
+  j = results.get("j", {})
+  if j.get("values", {}).get("distilled"):
+    v = {k: np.mean(x) for k, x in j["values"].items()}
+    kept = j.get("kept_fraction")
+    out.append(
+        f"- **Distillation (j)**: mean eval loss dense {v['dense']:.4f}, "
+        f"Switch teacher {v['switch']:.4f}, distilled dense student "
+        f"{v['distilled']:.4f} (alpha 0.25, started from the teacher's "
+        "non-expert weights); "
+        + (f"kept fraction of the teacher's gain per seed: "
+           + ", ".join(f"{k:.2f}" for k in kept) + " (Switch Table 6: ~0.3)."
+           if kept else "the teacher does not beat dense in every seed, so "
+           "the fraction of its gain kept (Switch Table 6) is undefined here."))
   sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
            "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
   for f in ("f", "g"):

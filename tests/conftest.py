@@ -6,6 +6,8 @@ Set before JAX is imported anywhere, so a plain `pytest` behaves like CI.
 import os
 import tempfile
 
+import pytest
+
 # The suite's time is mostly XLA compiling small programs: LLVM's -O0 cuts
 # that by about a quarter and changes no semantics (HLO passes still run).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -65,3 +67,16 @@ def script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope="session")
+def switch_run(tmp_path_factory):
+  """A workdir of tiny Switch-Base, shrunk (test_train.short), trained 2
+  steps: the pre-trained run that decoding, freezing, fine-tuning and
+  distillation tests start from. Read it; copy it before changing it."""
+  from switchjax import train  # after the XLA flags above: it imports JAX
+  from test_train import load, short
+  path = str(tmp_path_factory.mktemp("switch_run") / "run")
+  train.train_and_evaluate(
+      short(load(os.path.join(ROOT, "experiments", "switch_base.py")), 2), path)
+  return path

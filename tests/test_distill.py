@@ -26,11 +26,9 @@ def student_config(teacher, steps=2, **train_keys):
   return c
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("distill") / "teacher")
-  train.train_and_evaluate(short(load(SWITCH), steps=2), path)
-  return path
+@pytest.fixture
+def teacher(switch_run):
+  return switch_run
 
 
 def test_soft_cross_entropy_by_hand():

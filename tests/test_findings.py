@@ -171,3 +171,22 @@ def test_b_fits_the_counts_that_finished():
   runs = _runs({"dense": [5.0] * 3, "e2": [4.9] * 3})
   with pytest.raises(F.Missing):
     F.analyse_b(runs, SEEDS)
+
+
+def test_j_distillation_keeps_a_fraction_of_the_teachers_gain():
+  runs = _runs({"dense": [5.0, 5.1, 5.2], "switch": [4.8, 4.9, 5.0],
+                "distilled": [4.94, 5.05, 5.13]})
+  r = F.analyse_j(runs, SEEDS)
+  assert r["per_seed_difference"] == pytest.approx([-0.06, -0.05, -0.07])
+  assert r["verdict"] == "agrees"
+  assert r["kept_fraction"] == pytest.approx([0.3, 0.25, 0.35])  # by hand
+  # A teacher no better than dense in some seed: no fraction.
+  runs[("switch", 1)] = F.Run(eval_loss=5.2)
+  assert F.analyse_j(runs, SEEDS)["kept_fraction"] is None
+
+
+def test_j_student_starts_from_the_seeds_switch_run():
+  out = F.cell_overrides("distilled", 600, seed=2, workdir="DIR")
+  assert out["train.distill_from"] == "DIR/switch_s2"
+  assert out["train.distill_init"] and out["moe.num_experts"] == 0
+  assert "train.num_steps" not in out  # the protocol's length

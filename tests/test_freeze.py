@@ -53,11 +53,9 @@ def test_recipes_select_the_parameters_they_name():
   assert not any(freeze.is_frozen(p, "") for p in paths)
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("freeze") / "source")
-  train.train_and_evaluate(switch_config(), workdir)
-  return workdir
+@pytest.fixture
+def source_run(switch_run):
+  return switch_run
 
 
 @pytest.mark.parametrize("recipe,optimizer", [("non_experts", "adafactor"),

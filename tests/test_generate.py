@@ -13,7 +13,6 @@ from flax import nnx
 from switchjax import decoding
 from switchjax import generate
 from switchjax import model as model_lib
-from switchjax import train
 from switchjax.data import vocab as vocab_lib
 
 from test_train import load, short
@@ -165,13 +164,10 @@ def test_bad_requests_are_refused(bad, message):
     decoding.generate(model, kw.pop("prompts"), **kw)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+@pytest.fixture
+def workdir(switch_run):
   """A switch_base run trained 2 steps, with the bundled vocabulary."""
-  path = str(tmp_path_factory.mktemp("generate") / "run")
-  config = short(load(os.path.join(ROOT, "experiments", "switch_base.py")), 2)
-  train.train_and_evaluate(config, path)
-  return path
+  return switch_run
 
 
 def run_cli(*args):

@@ -15,7 +15,7 @@ from switchjax.data import pipeline
 from switchjax.data import vocab as vocab_lib
 
 from conftest import experiment
-from test_train import load, read_metrics, short
+from test_train import read_metrics, short
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(ROOT, "experiments", "finetune", "kjv_books.py")
@@ -124,10 +124,8 @@ def test_finetune_config_is_the_recipe(arg, name, init_from):
   assert c.moe.train_capacity_factor == base.moe.train_capacity_factor
 
 
-def test_finetuning_a_pretrained_run_reports_exact_match(tmp_path):
-  pretrained = str(tmp_path / "pretrained")
-  train.train_and_evaluate(short(load(os.path.join(
-      ROOT, "experiments", "switch_base.py")), steps=2), pretrained)
+def test_finetuning_a_pretrained_run_reports_exact_match(switch_run, tmp_path):
+  pretrained = switch_run
   c = short(experiment(FINETUNE, "tiny"), steps=2)
   c.data.inputs_length, c.data.targets_length = 64, 8
   c.train.init_from = pretrained
