@@ -365,7 +365,7 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
         f"Switch teacher {v['switch']:.4f}, distilled dense student "
         f"{v['distilled']:.4f} (alpha 0.25, started from the teacher's "
         "non-expert weights); "
-        + (f"kept fraction of the teacher's gain per seed: "
+        + ("kept fraction of the teacher's gain per seed: "
            + ", ".join(f"{k:.2f}" for k in kept) + " (Switch Table 6: ~0.3)."
            if kept else "the teacher does not beat dense in every seed, so "
            "the fraction of its gain kept (Switch Table 6) is undefined here."))

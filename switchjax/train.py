@@ -26,6 +26,7 @@ from switchjax import distill
 from switchjax import faults
 from switchjax import freeze
 from switchjax import init_from
+from switchjax import losses
 from switchjax import memory_plan
 from switchjax import model as model_lib
 from switchjax import optim
@@ -40,82 +41,17 @@ from switchjax import writers
 RNG_STREAMS = ("dropout", "router")
 
 
-def model_inputs(batch: dict[str, Any], arch: str) -> dict[str, Any]:
-  """The model's keyword inputs from a batch (targets and weights removed)."""
-  keys = (("encoder_input_tokens", "decoder_input_tokens")
-          if arch == "encoder_decoder" else ("decoder_input_tokens",))
-  return {k: batch[k] for k in keys}
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                  label_smoothing: float = 0.0,
-                  z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
-  """Weighted mean token cross-entropy, T5's logit z-loss added.
-
-  logits f32[B, L, V], targets i32[B, L], weights f32[B, L].
-  """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_p = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-  nll = -log_p
-  if label_smoothing:
-    mean_log_p = jnp.mean(logits, axis=-1) - log_z
-    nll = (1 - label_smoothing) * nll - label_smoothing * mean_log_p
-  denom = jnp.maximum(jnp.sum(weights), 1.0)
-  loss = jnp.sum(nll * weights) / denom
-  logit_z = jnp.sum(log_z ** 2 * weights) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  metrics = {"nll": jnp.sum(-log_p * weights) / denom,
-             "accuracy": jnp.sum(correct * weights) / denom}
-  return loss + z_loss * logit_z, metrics
-
-
-def _router_metrics(aux: model_lib.ModelAux,
-                    per_layer: bool = False) -> dict[str, Any]:
-  out = {"aux_loss": aux.aux_loss, "z_loss": aux.z_loss}
-  if aux.metrics is None:
-    out["dropped_fraction"] = jnp.zeros(())
-    return out
-  m = aux.metrics
-  out["dropped_fraction"] = jnp.mean(m.dropped_fraction)
-  out["router_confidence"] = jnp.mean(m.router_confidence)
-  out["router_entropy"] = jnp.mean(m.router_entropy)
-  if per_layer:
-    out["layers"] = {
-        name: {"dropped_fraction": m.dropped_fraction[i],
-               "expert_load": m.expert_load[i]}
-        for i, name in enumerate(aux.layer_names)}
-  return out
-
-
-def _loss_fn(model, batch, config, teacher_logits=None):
-  """The training objective: token cross-entropy plus the router losses;
-  with a teacher's logits, (1 - alpha) of it and alpha of the soft one."""
-  logits, aux = model(**model_inputs(batch, config.model.arch))
-  loss, ce = cross_entropy(
-      logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-      config.train.label_smoothing, config.train.logits_z_loss)
-  if teacher_logits is not None:
-    alpha = config.train.distill_alpha
-    ce["distill_loss"] = distill.soft_cross_entropy(
-        logits, teacher_logits, batch["decoder_loss_weights"])
-    loss = (1 - alpha) * loss + alpha * ce["distill_loss"]
-  total = (loss + config.moe.aux_loss_coef * aux.aux_loss
-           + config.moe.z_loss_coef * aux.z_loss)
-  return total, (ce, aux)
-
-
 def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
                 teacher=None, teacher_params=None):
   """One optimizer step on `batch`: (new state, metrics)."""
   teacher_logits = None if teacher is None else distill.teacher_logits(
-      teacher, teacher_params, model_inputs(batch, config.model.arch))
+      teacher, teacher_params, losses.model_inputs(batch, config.model.arch))
   model = nnx.merge(graphdef, state["params"], rng_state)
   step_key = jax.random.fold_in(base_key, state["step"])
   nnx.reseed(model, **{s: jax.random.fold_in(step_key, i)
                        for i, s in enumerate(RNG_STREAMS)})
   grad_fn = nnx.value_and_grad(
-      lambda model, batch: _loss_fn(model, batch, config, teacher_logits),
+      lambda model, batch: losses.loss_fn(model, batch, config, teacher_logits),
       has_aux=True)
   (total, (ce, aux)), grads = grad_fn(model, batch)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -141,7 +77,7 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
              "grad_norm": grad_norm, "param_norm": param_norm,
              "skipped_steps": skipped, "finite": finite,
              **{k: ce[k] for k in ("distill_loss",) if k in ce},
-             **_router_metrics(aux)}
+             **losses.router_metrics(aux)}
   new_state = {"step": state["step"] + 1, "params": params,
                "opt_state": opt_state, "skipped_steps": skipped}
   return new_state, metrics
@@ -150,12 +86,12 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
 def _eval_step(params, rng_state, batch, *, config, graphdef):
   """Validation metrics of one batch (no router losses in the loss)."""
   model = nnx.merge(graphdef, params, rng_state)
-  logits, aux = model(**model_inputs(batch, config.model.arch))
-  _, ce = cross_entropy(logits, batch["decoder_target_tokens"],
+  logits, aux = model(**losses.model_inputs(batch, config.model.arch))
+  _, ce = losses.cross_entropy(logits, batch["decoder_target_tokens"],
                         batch["decoder_loss_weights"])
   return {"loss": ce["nll"], "accuracy": ce["accuracy"],
           "tokens": jnp.sum(batch["decoder_loss_weights"]),
-          **_router_metrics(aux, per_layer=True)}
+          **losses.router_metrics(aux, per_layer=True)}
 
 
 @dataclasses.dataclass
@@ -187,9 +123,9 @@ class Trainer:
     return init() if weights is None else init(weights.read())
 
   def train_step(self, state, batch):
-    teacher = None if self.teacher is None else self.teacher.params
+    teacher = () if self.teacher is None else (self.teacher.params,)
     return self._jit_train(state, self.rng_state, self.base_key, batch,
-                           teacher)
+                           *teacher)
 
   def eval_step(self, params, batch):
     return self._jit_eval(params, self.rng_state, batch)
@@ -201,7 +137,7 @@ class Trainer:
     self.base_key = jax.jit(lambda: jax.random.key(c.seed + 1),
                             out_shardings=rep)()
 
-    def train_step(state, rng_state, base_key, batch, teacher_params):
+    def train_step(state, rng_state, base_key, batch, teacher_params=None):
       return _train_step(state, rng_state, batch, config=c,
                          graphdef=self.train_graphdef, tx=self.tx,
                          base_key=base_key, teacher=self.teacher,
@@ -217,8 +153,9 @@ class Trainer:
     # them to place their groups and experts (switchjax/expert_parallel.py).
     self._jit_train = jax.jit(
         partitioning.in_mesh(train_step, self.mesh, rules),
+        # The teacher's params (distillation) are a fifth argument.
         in_shardings=(self.state_shardings, rep, rep, self.batch_sharding,
-                      rep),
+                      *((rep,) if self.teacher is not None else ())),
         out_shardings=(self.state_shardings, rep),
         donate_argnums=(0,))
     self._jit_eval = jax.jit(

@@ -16,6 +16,7 @@ from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
 from switchjax import init_from
 from switchjax import partitioning
+from switchjax import losses
 from switchjax import train
 from switchjax import validate
 
@@ -174,8 +175,8 @@ def _logits(trainer, params, batch):
 
   def forward(params, batch):
     model = nnx.merge(trainer.eval_graphdef, params, trainer.rng_state)
-    logits, aux = model(**train.model_inputs(batch, config.model.arch))
-    return logits, train._router_metrics(aux)["dropped_fraction"]
+    logits, aux = model(**losses.model_inputs(batch, config.model.arch))
+    return logits, losses.router_metrics(aux)["dropped_fraction"]
 
   rules = partitioning.rules_from_config(config)
   forward = partitioning.in_mesh(forward, trainer.mesh, rules)

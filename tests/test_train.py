@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from switchjax import losses
 from switchjax import train
 from switchjax import validate
 
@@ -155,10 +156,10 @@ def test_cross_entropy_against_hand_values():
   logits = jax.numpy.array([[[0.0, np.log(3.0)], [2.0, 0.0]]])
   targets = jax.numpy.array([[1, 1]])
   weights = jax.numpy.array([[1.0, 0.0]])
-  loss, metrics = train.cross_entropy(logits, targets, weights)
+  loss, metrics = losses.cross_entropy(logits, targets, weights)
   np.testing.assert_allclose(loss, -np.log(0.75), rtol=1e-6)
   np.testing.assert_allclose(metrics["accuracy"], 1.0)
-  loss_z, _ = train.cross_entropy(logits, targets, weights, z_loss=1e-2)
+  loss_z, _ = losses.cross_entropy(logits, targets, weights, z_loss=1e-2)
   np.testing.assert_allclose(loss_z - loss, 1e-2 * np.log(4.0) ** 2,
                              rtol=1e-5)
 
