@@ -40,13 +40,11 @@ class FreezeError(ValueError):
 
 
 def param_path(path: tuple) -> str:
-  """'decoder/layers/1/mlp/experts/wi_0' of a params-state leaf path (the
-  trailing key is the Variable's `value`)."""
-  keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-          for k in path]
-  if keys and keys[-1] == "value":
-    keys = keys[:-1]
-  return "/".join(keys)
+  """'decoder/layers/1/mlp/experts/wi_0' of a params-state leaf path, with
+  or without the Variable's own `.value` attribute key at the end."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    path = path[:-1]
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def is_frozen(path: str, freeze: str) -> bool:

@@ -23,6 +23,7 @@ import optax
 from switchjax import checkpoint as ckpt_lib
 from switchjax import data as data_lib
 from switchjax import distill
+from switchjax import exact_match as exact_match_lib
 from switchjax import faults
 from switchjax import freeze
 from switchjax import init_from
@@ -32,7 +33,6 @@ from switchjax import model as model_lib
 from switchjax import optim
 from switchjax import partitioning
 from switchjax import preemption
-from switchjax import exact_match as exact_match_lib
 from switchjax import upcycle
 from switchjax import validate
 from switchjax import workdir_lock
@@ -88,7 +88,7 @@ def _eval_step(params, rng_state, batch, *, config, graphdef):
   model = nnx.merge(graphdef, params, rng_state)
   logits, aux = model(**losses.model_inputs(batch, config.model.arch))
   _, ce = losses.cross_entropy(logits, batch["decoder_target_tokens"],
-                        batch["decoder_loss_weights"])
+                               batch["decoder_loss_weights"])
   return {"loss": ce["nll"], "accuracy": ce["accuracy"],
           "tokens": jnp.sum(batch["decoder_loss_weights"]),
           **losses.router_metrics(aux, per_layer=True)}
@@ -114,6 +114,7 @@ class Trainer:
   # the seed share one compilation (the persistent cache of a sweep).
   base_key: jax.Array = dataclasses.field(init=False, repr=False)
   teacher: Optional[distill.Teacher] = None  # train.distill_from
+
   def init_state(self, weights: Optional[init_from.Start] = None
                  ) -> dict[str, Any]:
     """A fresh train state at step 0; its params from `weights` where given

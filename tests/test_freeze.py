@@ -120,3 +120,17 @@ def test_a_dense_model_has_no_experts_to_freeze(tmp_path):
                      match=re.escape("train.freeze='experts' matches no "
                                      "parameter")):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_param_paths_with_and_without_the_variables_value_key():
+  """A parameter named `value` (attention's) is not mistaken for the
+  Variable's own attribute."""
+  params = nnx.state(nnx.eval_shape(lambda: model_lib.build_model(
+      switch_config(), rngs=nnx.Rngs(0))), nnx.Param)
+  leaves = [freeze.param_path(p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  variables = [freeze.param_path(p) for p, _ in jax.tree_util.
+               tree_flatten_with_path(params, is_leaf=lambda x: isinstance(
+                   x, nnx.Variable))[0]]
+  assert leaves == variables
+  assert "decoder/layers/0/self_attention/value" in leaves
