@@ -33,6 +33,7 @@ reference the cached path is tested and timed against).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -188,17 +189,11 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
                  logits=None if logits is None else np.asarray(logits)[:n])
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(graphdef, rows, length, encoder_decoder, cache, eos_id,
-              max_new_tokens, temperature, top_k, return_logits):
-  """The jitted decode loop for these static settings (kept per process)."""
-  key = (graphdef, rows, length, encoder_decoder, cache, eos_id,
-         max_new_tokens, temperature, top_k, return_logits)
-  if key not in _COMPILED:
-    _COMPILED[key] = jax.jit(_decode_loop(*key))
-  return _COMPILED[key]
+@functools.lru_cache(maxsize=32)
+def _compiled(*settings):
+  """The jitted decode loop for these static settings (`_decode_loop`'s
+  arguments), kept so that repeated calls reuse its compilation."""
+  return jax.jit(_decode_loop(*settings))
 
 
 def _decode_loop(graphdef, rows, length, encoder_decoder, cache, eos_id,

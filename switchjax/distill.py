@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from switchjax import config_base
 from switchjax import freeze
 from switchjax import init_from
 from switchjax import model as model_lib
 from switchjax import partitioning
+from switchjax import weights
 from switchjax.validate import ConfigError
 
 KEY = "train.distill_from"
@@ -45,15 +45,11 @@ class Teacher:
 
 
 def _teacher_config(path: str) -> ml_collections.ConfigDict:
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise ConfigError(f"{KEY}={path} holds no config.json (the teacher must "
-                      "be a switchjax workdir; convert a Hugging Face "
-                      "checkpoint first)")
-  with open(config_path) as f:
-    return config_base.with_defaults(json.load(f))
+  try:
+    return weights.read_config(path)
+  except weights.WeightsError as e:
+    raise ConfigError(f"{KEY}: {e} (the teacher must be a switchjax workdir; "
+                      "convert a Hugging Face checkpoint first)") from None
 
 
 def _check_compatible(teacher: ml_collections.ConfigDict,

@@ -21,12 +21,6 @@ BATCH = 64  # prompts decoded together
 MAX_NEW_TOKENS = 16  # the longest kjv_books answer is 6 ids with eos
 
 
-def is_task(config) -> bool:
-  source = tfds_corpus.data_source(config.data.name, "validation",
-                                   config.data.data_dir or None)
-  return pipeline.is_task(source)
-
-
 def _text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from switchjax import exact_match as exact_match_lib
+from switchjax.data import pipeline
 
 
 def main(argv):
@@ -26,7 +27,7 @@ def main(argv):
     config, step, model = score.load_model(f.workdir, f.step)
     if f.data_name:
       config.data.name = f.data_name
-    if not exact_match_lib.is_task(config):
+    if not pipeline.is_task_data(config):
       raise ValueError(f"data {config.data.name!r} is not a text-to-text task "
                        "(examples with inputs and targets); pass --data_name")
     result = exact_match_lib.exact_match(model, config, f.split, f.examples)

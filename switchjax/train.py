@@ -282,7 +282,7 @@ def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
   out = _mean_metrics(rows)
   # A task: exact match by decoding (one process: its arrays are all here).
   if (config.data.exact_match_examples and jax.process_count() == 1
-      and exact_match_lib.is_task(config)):
+      and data_lib.is_task_data(config)):
     model = nnx.merge(trainer.eval_graphdef, params, trainer.rng_state)
     out["exact_match"] = exact_match_lib.exact_match(
         model, config, "validation", config.data.exact_match_examples

@@ -249,16 +249,6 @@ def _check_data(config) -> None:
     raise ConfigError(f"data.name: {' '.join(str(e).split())}") from None
 
 
-def _is_task(config) -> bool:
-  """Whether data.name is a text-to-text task (no span corruption)."""
-  from switchjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from switchjax.data import tfds_corpus  # pylint: disable=g-import-not-at-top
-  if config.data.name in tfds_corpus.BUNDLED_NAMES:
-    return False
-  return pipeline.is_task(tfds_corpus.data_source(
-      config.data.name, "validation", config.data.data_dir or None))
-
-
 def check_config(config: ml_collections.ConfigDict,
                  num_devices: Optional[int] = None) -> None:
   """Every key's kind and range, then the checks across keys, without the
@@ -286,7 +276,7 @@ def prepare(config: ml_collections.ConfigDict,
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.vocab_path: {e}") from None
   _check_data(config)
-  if config.model.arch == "encoder_decoder" and not _is_task(config):
+  if config.model.arch == "encoder_decoder" and not data_lib.is_task_data(config):
     _check_span_corruption(config, vocab.extra_ids)
   if not config.train.init_from:
     config.model.vocab_size = vocab.vocab_size

@@ -85,6 +85,15 @@ def is_task(source) -> bool:
   return len(source) > 0 and "targets" in source[0]
 
 
+def is_task_data(config) -> bool:
+  """Whether config.data names a text-to-text task (the bundled corpus never
+  is; another tfds dataset is one when its examples have targets)."""
+  if config.data.name in tfds_corpus.BUNDLED_NAMES:
+    return False
+  return is_task(tfds_corpus.data_source(config.data.name, "validation",
+                                         config.data.data_dir or None))
+
+
 def task_ids(vocab: vocab_lib.Vocabulary, inputs: str, arch: str) -> list[int]:
   """The ids a model of `arch` reads for a task's `inputs` before its answer:
   encoder inputs + eos (T5), or for a decoder-only model eos (the document
