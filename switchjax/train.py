@@ -290,11 +290,12 @@ def evaluate(trainer: Trainer, params, config) -> dict[str, Any]:
   return out
 
 
-def _param_count_line(config) -> str:
+def _param_count_line(config, trainer: Trainer) -> str:
   total, active = model_lib.param_counts(config)
   line = f"parameters: {total:,} total, {active:,} active per token"
-  if config.train.freeze:
-    trains, _ = check_freeze(config)
+  if config.train.freeze:  # checked by _setup_run: counted here
+    trains, _ = freeze.check(trainer.abstract_state["params"],
+                             config.train.freeze)
     line += (f"; {trains:,} train, {total - trains:,} frozen "
              f"(train.freeze={config.train.freeze!r})")
   return line
@@ -395,7 +396,7 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   if is_main:
     validate.write_config(config, workdir)
-    print(f"mesh {dict(trainer.mesh.shape)}; {_param_count_line(config)}",
+    print(f"mesh {dict(trainer.mesh.shape)}; {_param_count_line(config, trainer)}",
           flush=True)
     if trainer.teacher is not None:
       print(trainer.teacher.line, flush=True)
