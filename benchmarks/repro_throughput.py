@@ -6,7 +6,8 @@ Measures, in one run:
   variants  one training step (forward, backward, AdamW) of the protocol's
             cells (experiments/repro/protocol.py + findings.CELLS overrides) on a
             synthetic batch: dense, Switch at capacity factor 1.0 / 1.25 /
-            2.0, top-2; timed one step at a time, interleaved, `--repeats`
+            2.0, top-2, Switch with its MoE layers or all else frozen
+            (finding i's recipes); timed one step at a time, interleaved, `--repeats`
             rounds, median.
 
 Prints per variant: step time, tokens/s, achieved GFLOP/s (matmul FLOPs of
@@ -33,7 +34,11 @@ from switchjax import cost_model
 from switchjax import train as train_lib
 from switchjax import validate
 
-VARIANTS = ("dense", "cf1.0", "cf1.25", "switch", "top2")
+VARIANTS = ("dense", "cf1.0", "cf1.25", "switch", "top2", "freeze_moe",
+            "freeze_non_experts")
+# Not cells of their own: finding (i)'s fine-tuning recipes, timed on the
+# protocol's Switch (its cells add a task and a start that change no step).
+FREEZE = {f"freeze_{r}": {"train.freeze": r} for r in ("moe", "non_experts")}
 
 
 def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 10) -> float:
@@ -54,7 +59,7 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 10) -> float:
 
 def make_config(variant: str):
   c = grid.load_experiment(findings.EXPERIMENT, findings.PRESET)
-  c = grid.apply_overrides(c, findings.CELLS[variant], variant)
+  c = grid.apply_overrides(c, {**findings.CELLS, **FREEZE}[variant], variant)
   return validate.prepare(c)
 
 
@@ -104,10 +109,10 @@ def main(argv=None) -> dict:
                  "vs_first": sec / base})
   print(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s "
         f"({jax.devices()[0].device_kind}, {args.repeats} rounds)")
-  print(f"{'variant':10s} {'step ms':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
+  print(f"{'variant':18s} {'step ms':>8s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
         f"{'of peak':>8s} {'x ' + variants[0]:>9s}")
   for r in rows:
-    print(f"{r['variant']:10s} {r['step_ms']:8.1f} {r['tokens_per_sec']:9.0f} "
+    print(f"{r['variant']:18s} {r['step_ms']:8.1f} {r['tokens_per_sec']:9.0f} "
           f"{r['gflops']:8.1f} {100 * r['mfu']:7.1f}% {r['vs_first']:9.2f}")
   out = {"peak_gflops": peak / 1e9, "repeats": args.repeats, "rows": rows}
   if args.json:

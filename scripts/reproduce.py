@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trains the reproduction's cells and reports the eight findings.
+"""Trains the reproduction's cells and reports the findings (a)-(l).
 
   python scripts/reproduce.py [--findings a,b,...] [--seeds 0,1,2]
                               [--workdir runs/reproduce] [--report_only]
@@ -175,6 +175,13 @@ def _mean_drop_pct(train_rows) -> float:
       train_rows)
 
 
+def _mean_loss(train_rows) -> float:
+  """Mean train loss of these log rows; nan if none."""
+  if not train_rows:
+    return float("nan")
+  return sum(float(r["loss"]) for r in train_rows) / len(train_rows)
+
+
 def load_runs(workdir: str, cells) -> F.Runs:
   """{(cell, seed): Run} of the finished or diverged runs in workdir."""
   from switchjax import results  # pylint: disable=g-import-not-at-top
@@ -200,7 +207,11 @@ def load_runs(workdir: str, cells) -> F.Runs:
         diverged=diverged,
         max_grad_norm=float(row.get("max_grad_norm", "nan")),
         router_z_loss=float(train[-1].get("z_loss", "nan")) if train
-        else float("nan"))
+        else float("nan"),
+        late_train_loss=_mean_loss(
+            [r for r in train if r["step"] > 0.75 * config.train.num_steps]),
+        exact_match=float(evals[-1].get("exact_match", "nan"))
+        if evals else float("nan"))
   return out
 
 
@@ -223,7 +234,8 @@ def analyse(findings: list[str], runs: F.Runs, seeds: list[int],
   out = {}
   for f in findings:
     fn = F.FINDINGS[f].analyse
-    args = {"a": (tokens, step_ms), "c": (step_ms,), "d": (step_ms,)}.get(f, ())
+    args = {"a": (tokens, step_ms), "c": (step_ms,), "d": (step_ms,),
+            "i": (step_ms,)}.get(f, ())
     try:
       out[f] = fn(runs, seeds, *args)
     except F.Missing:

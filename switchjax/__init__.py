@@ -17,6 +17,7 @@ written `f32[G, S, E]`) and einsum strings:
 Modules, top to bottom (each imports only modules below it):
 
   model            T5-style encoder-decoder / decoder-only, dense or MoE FFNs
+  soft_moe         Soft MoE: slots mixed from every token, no routing (encoders)
   moe              Router and MoeLayer: route, dispatch, experts, combine
   experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock
   expert_parallel  experts split over the mesh: GSPMD constraints, shard_map

@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.router_init_std = 0.02
   e.second_expert_policy = "all"  # gshard: "all" | "random"
   e.normalize_weights = True  # topk: renormalise the K weights to sum to 1
+  # router "soft" (Soft MoE, encoders): slots per expert and group, and the
+  # paper's l2 normalisation of inputs and Phi with a learned scale.
+  e.slots_per_expert = 1
+  e.soft_normalize = False
   e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
   e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
   e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
@@ -109,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A text-to-text task (e.g. "kjv_books"): each eval also decodes the first
   # N validation examples and reports their exact match (0 = not).
   d.exact_match_examples = 512
+  # A task's training split cut to its first N examples (a small task, as
+  # the fine-tuning sets Switch §4 overfits); 0 = the whole split.
+  d.train_examples = 0
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 524288  # 2^19, T5's pre-training (Switch's 550k: switch_pretraining)

@@ -210,6 +210,8 @@ SCHEMA: dict[str, Spec] = {
     "moe.router_init_std": Float(0.0),
     "moe.second_expert_policy": Choice(routing.SECOND_EXPERT_POLICIES),
     "moe.normalize_weights": BOOL,
+    "moe.slots_per_expert": Int(1),
+    "moe.soft_normalize": BOOL,
     "moe.batch_prioritized": BOOL,
     "moe.expert_dropout": RATE,
     "moe.d_ff": Int(1, special=(-1,), special_doc="model.d_ff"),
@@ -233,6 +235,7 @@ SCHEMA: dict[str, Spec] = {
     "data.seq_length": Int(1),
     "data.shuffle_seed": Int(0, 2**32 - 1),
     "data.exact_match_examples": Int(0),  # SeedSequence -> grain's uint32
+    "data.train_examples": Int(0),
     # train
     "train.num_steps": Int(1),
     "train.batch_size": Int(1),

@@ -44,6 +44,22 @@ STARTS = {"dense_cont": "train.init_from", "upcycled": "train.upcycle_from"}
 # (Switch §5: alpha 0.25, started from the teacher's non-expert weights).
 DISTILL = {"moe.num_experts": 0, "train.distill_alpha": 0.25,
            "train.distill_init": True}
+# (i), (k), (l): fine-tuning from DIR/{dense,switch}_s<seed> on a small task:
+# the bundled kjv_books (verse -> book) cut to its first FT_EXAMPLES training
+# verses, for 1/FT_FRACTION of the protocol's steps (about five epochs: the
+# regime where Switch §4.1 sees sparse models overfit). Switch's recipe:
+# dropout 0.1, a constant learning rate; expert dropout 0.1 unless a cell
+# sets it.
+FT_EXAMPLES = 512
+FT_FRACTION = 4
+FINETUNE = {"data.name": "kjv_books", "data.train_examples": FT_EXAMPLES,
+            "train.schedule": "constant", "train.learning_rate": 1e-3,
+            "train.warmup_steps": 0, "model.dropout_rate": 0.1,
+            "moe.expert_dropout": 0.1, "train.log_every": 10}
+# Fine-tuning cell -> the protocol cell whose run it starts from.
+FT_SOURCES = {"ft_dense": "dense", "ft_switch": "switch",
+              "ft_switch_ed": "switch", "ft_only_moe": "switch",
+              "ft_only_non_moe": "switch"}
 # Overrides that make a run start from another run's workdir.
 START_KEYS = (*STARTS.values(), "train.distill_from")
 
@@ -73,6 +89,11 @@ CELLS: dict[str, dict[str, Any]] = {
     "dense_cont": {"moe.num_experts": 0},
     "upcycled": TOP2,
     "distilled": DISTILL,  # + train.distill_from: `cell_overrides`
+    "ft_dense": {**FINETUNE, "moe.num_experts": 0},
+    "ft_switch": FINETUNE,
+    "ft_switch_ed": {**FINETUNE, "moe.expert_dropout": 0.4},  # Switch Table 4
+    "ft_only_moe": {**FINETUNE, "train.freeze": "non_experts"},
+    "ft_only_non_moe": {**FINETUNE, "train.freeze": "moe"},
     "ed_top2": {**ENCDEC, **TOP2},
     "ed_ec": {**ENCDEC, **TOP2, "moe.encoder_router": "expert_choice"},
     **{stress_cell(dt, init, lr): _stress(dt, init, lr)
@@ -101,6 +122,11 @@ def cell_overrides(cell: str, steps: int, seed: int = 0,
                 "train.eval_every": n, "train.checkpoint_every": n})
   elif cell == "distilled":
     out["train.distill_from"] = os.path.join(workdir, run_name("switch", seed))
+  elif cell in FT_SOURCES:
+    n = max(2, steps // FT_FRACTION)
+    out.update({"train.init_from": os.path.join(
+        workdir, run_name(FT_SOURCES[cell], seed)), "train.num_steps": n,
+                "train.eval_every": max(1, n // 2), "train.checkpoint_every": n})
   elif cell in STARTS:
     n = max(2, steps // CONTINUE_FRACTION)
     out.update({STARTS[cell]: os.path.join(workdir, run_name("dense", seed)),
@@ -132,6 +158,8 @@ class Run:
   diverged: bool = False
   max_grad_norm: float = math.nan
   router_z_loss: float = math.nan  # last train log: mean logsumexp^2 of router logits
+  late_train_loss: float = math.nan  # mean logged train loss, last quarter
+  exact_match: float = math.nan  # a task's, at the last eval
 
 
 Runs = Mapping[tuple[str, int], Run]
@@ -168,11 +196,12 @@ def record(finding: str, cells: Sequence[str], seeds: Sequence[int],
 
 
 def _pair(finding: str, runs: Runs, seeds: Sequence[int], a: str, b: str,
-          what: str, **extra) -> dict[str, Any]:
-  """Cell a against cell b, seed by seed: eval loss of a - b (paper: < 0)."""
+          what: str, paper_sign: int = -1, **extra) -> dict[str, Any]:
+  """Cell a against cell b, seed by seed: eval loss of a - b (paper: < 0
+  unless `paper_sign` says > 0)."""
   la, lb = _losses(runs, a, seeds), _losses(runs, b, seeds)
   return record(finding, [a, b], seeds, {a: la, b: lb},
-                [x - y for x, y in zip(la, lb)], -1, what, **extra)
+                [x - y for x, y in zip(la, lb)], paper_sign, what, **extra)
 
 
 def _speedup(dense: Run, dense_2x: Run, target: Run, tokens: float
@@ -341,6 +370,64 @@ def analyse_j(runs: Runs, seeds: Sequence[int]) -> dict:
   return out
 
 
+def _exact_match(runs: Runs, cells: Sequence[str],
+                 seeds: Sequence[int]) -> dict[str, list[float]]:
+  return {c: [r.exact_match for r in _get(runs, c, seeds)] for c in cells}
+
+
+def analyse_i(runs: Runs, seeds: Sequence[int],
+              step_ms: Optional[Mapping[str, float]] = None) -> dict:
+  """Fine-tuning only the MoE layers, or only the rest, against all."""
+  cells = ("ft_only_moe", "ft_only_non_moe", "ft_switch")
+  out = _pair("i", runs, seeds, "ft_only_moe", "ft_switch",
+              "validation loss after fine-tuning, only the MoE layers "
+              "trained - all trained", paper_sign=+1)
+  rest = [x - y for x, y in zip(_losses(runs, "ft_only_non_moe", seeds),
+                                _losses(runs, "ft_switch", seeds))]
+  iv = stats.t_interval(rest)
+  out["values"]["ft_only_non_moe"] = _losses(runs, "ft_only_non_moe", seeds)
+  out["only_non_moe_difference"] = {
+      "per_seed": [float(d) for d in rest], "mean": iv.mean,
+      "interval_95": [iv.low, iv.high]}
+  out["exact_match"] = _exact_match(runs, cells, seeds)
+  bench = {c: step_ms[v] for c, v in (("ft_switch", "switch"),
+                                      ("ft_only_moe", "freeze_non_experts"),
+                                      ("ft_only_non_moe", "freeze_moe"))
+           if step_ms and v in step_ms}
+  if bench:
+    out["step_ms"] = bench
+  return out
+
+
+def overfit_gap(run: Run) -> float:
+  """Validation loss minus the train loss late in fine-tuning (nats)."""
+  return run.eval_loss - run.late_train_loss
+
+
+def analyse_k(runs: Runs, seeds: Sequence[int]) -> dict:
+  """Fine-tuned on a small task, does Switch's train/validation gap grow
+  more than the dense model's (both from protocol runs of equal quality)?"""
+  cells = ("ft_switch", "ft_dense")
+  got = {c: _get(runs, c, seeds) for c in cells}
+  gaps = {c: [overfit_gap(r) for r in rs] for c, rs in got.items()}
+  return record(
+      "k", cells, seeds, {c: [r.eval_loss for r in rs] for c, rs in got.items()},
+      [s - d for s, d in zip(gaps["ft_switch"], gaps["ft_dense"])], +1,
+      "validation - train loss after fine-tuning, Switch - dense",
+      gap=gaps, train_loss={c: [r.late_train_loss for r in rs]
+                            for c, rs in got.items()},
+      exact_match=_exact_match(runs, cells, seeds),
+      pretrained={c: _losses(runs, FT_SOURCES[c], seeds) for c in cells})
+
+
+def analyse_l(runs: Runs, seeds: Sequence[int]) -> dict:
+  """Expert dropout 0.4 against 0.1 when fine-tuning Switch (Table 4)."""
+  out = _pair("l", runs, seeds, "ft_switch_ed", "ft_switch",
+              "validation loss after fine-tuning, expert dropout 0.4 - 0.1")
+  out["exact_match"] = _exact_match(runs, ("ft_switch_ed", "ft_switch"), seeds)
+  return out
+
+
 def _stress_summary(runs: Runs, seeds, router_dtype, init) -> dict[str, Any]:
   out = {}
   for lr in STRESS_LRS:
@@ -437,8 +524,18 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in (
     Finding("h", "Sparse upcycling beats continuing the dense run for the "
             "same extra tokens (Komatsuzaki et al. 2022)",
             (("dense", "top2"), ("dense_cont", "upcycled")), analyse_h),
+    Finding("i", "Fine-tuning only the MoE layers is worse than fine-tuning "
+            "everything; fine-tuning all but them is about as good (ST-MoE "
+            "§4.4, Fig. 6)", (("switch",), ("ft_switch", "ft_only_moe",
+                                             "ft_only_non_moe")), analyse_i),
     Finding("j", "A dense student distilled from a Switch teacher beats the "
             "dense model trained alone (Switch §5, Table 6: ~30 % of the "
             "teacher's gain kept)", (("dense", "switch"), ("distilled",)),
             analyse_j),
+    Finding("k", "Fine-tuned on a small task, a sparse model overfits more "
+            "than a dense one of equal pre-trained quality (Switch §4.1)",
+            (("dense", "switch"), ("ft_dense", "ft_switch")), analyse_k),
+    Finding("l", "Expert dropout 0.4 fine-tunes better than 0.1 (Switch "
+            "§4.1, Table 4)", (("switch",), ("ft_switch", "ft_switch_ed")),
+            analyse_l),
 )}

@@ -27,6 +27,7 @@ from switchjax import experts as experts_lib
 from switchjax import moe as moe_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
+from switchjax import soft_moe
 
 ARCHS = ("encoder_decoder", "decoder_only")
 REMATS = ("none", "full", "experts")
@@ -85,9 +86,10 @@ def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
 
 def causal_error(router: str, batch_prioritized: bool) -> str:
   """Why `router` (or batch-prioritized routing) cannot run in a decoder."""
+  how = ("each slot mixes every token of the group" if router == "soft" else
+         "each expert picks its tokens from the whole group")
   what = ("moe.batch_prioritized (slots claimed in order of gate value)"
-          if batch_prioritized else
-          f"router {router!r} (each expert picks its tokens from the whole group)")
+          if batch_prioritized else f"router {router!r} ({how})")
   return (f"{what} lets later tokens decide what earlier ones get: future "
           "tokens leak in a decoder; use it in the encoder only "
           "(moe.encoder_router)")
@@ -99,6 +101,15 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
   router = stack_router(e, stack)
   if stack == "decoder" and not routing_lib.is_causal(router, e.batch_prioritized):
     raise ValueError(causal_error(router, e.batch_prioritized))
+  if router == soft_moe.ROUTER:
+    return dict(
+        num_experts=e.num_experts, slots_per_expert=e.slots_per_expert,
+        group_size=e.group_size, normalize=e.soft_normalize,
+        activation=m.activation, expert_dropout=e.expert_dropout,
+        router_dtype=to_dtype(e.router_dtype),
+        router_init_std=e.router_init_std, expert_parallel=e.expert_parallel,
+        expert_impl=e.expert_impl, init_scale=m.init_scale,
+        dtype=to_dtype(m.dtype))
   return dict(
       num_experts=e.num_experts, router=router, num_selected=e.num_selected,
       train_capacity_factor=e.train_capacity_factor,
@@ -147,7 +158,9 @@ class TransformerLayer(nnx.Module):
     self.sparse = moe_kwargs is not None
     if self.sparse:
       d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
-      self.mlp = moe_lib.MoeLayer(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
+      cls = (soft_moe.SoftMoeLayer if "slots_per_expert" in moe_kwargs
+             else moe_lib.MoeLayer)
+      self.mlp = cls(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
     else:
       self.mlp = experts_lib.MlpBlock(
           m.d_model, m.d_ff, activation=m.activation, dropout=m.dropout_rate,
@@ -418,9 +431,16 @@ def param_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
           config, cross_attention=cross, moe_kwargs=moe_kwargs, rngs=rngs))
       total += count * size(layer)
       active += count * size(layer)
-      if isinstance(layer.mlp, moe_lib.MoeLayer):
-        node = layer.mlp
+      node = layer.mlp
+      if isinstance(node, soft_moe.SoftMoeLayer):
+        # Each token's share of the E * C slots of its group of S tokens.
+        s = node.group_size or (config.data.inputs_length if name == "encoder"
+                                else config.data.seq_length)
+        k = node.num_experts * node.slots_per_expert / s
+      elif isinstance(node, moe_lib.MoeLayer):
         k = (node.train_capacity_factor if node.router_name == "expert_choice"
              else node.num_selected)
-        active += count * size(node.experts) * (k / node.num_experts - 1.0)
+      else:
+        continue
+      active += count * size(node.experts) * (k / node.num_experts - 1.0)
   return total, int(round(active))

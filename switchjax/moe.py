@@ -160,6 +160,9 @@ class MoeLayer(nnx.Module):
                rngs: nnx.Rngs):
     dispatch = dispatch_lib.canonical(dispatch)
     experts_lib.check_choice("router", router, routing_lib.ROUTERS)
+    if router == "soft":
+      raise ValueError("router 'soft' is switchjax.soft_moe.SoftMoeLayer, "
+                       "not a MoeLayer router.")
     experts_lib.check_choice("dispatch", dispatch, dispatch_lib.DISPATCHES)
     experts_lib.check_choice("expert_parallel", expert_parallel, expert_parallel_lib.PATHS)
     experts_lib.check_choice("second_expert_policy", second_expert_policy,

@@ -369,6 +369,7 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
            + ", ".join(f"{k:.2f}" for k in kept) + " (Switch Table 6: ~0.3)."
            if kept else "the teacher does not beat dense in every seed, so "
            "the fraction of its gain kept (Switch Table 6) is undefined here."))
+  out += _finetuning_lines(results)
   sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
            "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
   for f in ("f", "g"):
@@ -390,6 +391,52 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
                    for r in bench.get("rows", [])) + " (benchmarks/"
                "repro_throughput.py; model FLOPs = matmuls of the active "
                "path, 3x the forward).")
+  return out
+
+
+def _em(r: dict, cell: str) -> str:
+  """Mean exact match of a fine-tuning cell, in %."""
+  return f"{100 * np.mean(r['exact_match'][cell]):.1f} %"
+
+
+def _finetuning_lines(results: dict[str, dict]) -> list[str]:
+  """Findings (i), (k), (l): what the table's one difference leaves out."""
+  out = []
+  setup = (f"kjv_books cut to its first {F.FT_EXAMPLES} training verses, "
+           f"1/{F.FT_FRACTION} of the protocol's steps")
+  k = results.get("k", {})
+  if k.get("gap"):
+    v = {c: np.mean(x) for c, x in k["values"].items()}
+    g = {c: np.mean(x) for c, x in k["gap"].items()}
+    pre = {c: np.mean(x) for c, x in k["pretrained"].items()}
+    out.append(
+        f"- **Fine-tuning (k)** ({setup}): pre-trained eval loss dense "
+        f"{pre['ft_dense']:.4f}, Switch {pre['ft_switch']:.4f}; after "
+        f"fine-tuning, validation loss dense {v['ft_dense']:.4f}, Switch "
+        f"{v['ft_switch']:.4f}; validation - train gap dense "
+        f"{g['ft_dense']:+.4f}, Switch {g['ft_switch']:+.4f} (train loss: the "
+        f"mean logged over the last quarter, dropout on); exact match dense "
+        f"{_em(k, 'ft_dense')}, Switch {_em(k, 'ft_switch')}.")
+  l = results.get("l", {})
+  if l.get("exact_match"):
+    out.append(f"- **Expert dropout (l)**: exact match at expert dropout 0.1 "
+               f"{_em(l, 'ft_switch')}, at 0.4 {_em(l, 'ft_switch_ed')}.")
+  i = results.get("i", {})
+  if i.get("only_non_moe_difference"):
+    rest = i["only_non_moe_difference"]
+    line = (f"- **Freezing (i)**: only the non-MoE parameters trained - all "
+            f"trained {rest['mean']:+.4f} [{rest['interval_95'][0]:+.4f}, "
+            f"{rest['interval_95'][1]:+.4f}]; exact match all "
+            f"{_em(i, 'ft_switch')}, only MoE {_em(i, 'ft_only_moe')}, all "
+            f"but MoE {_em(i, 'ft_only_non_moe')}.")
+    if i.get("step_ms"):
+      ms = i["step_ms"]
+      base = ms.get("ft_switch")
+      line += " Step time (benchmark, ms): " + ", ".join(
+          f"{name} {ms[c]:.0f}" + (f" ({ms[c] / base:.2f}x)" if base else "")
+          for c, name in (("ft_switch", "all"), ("ft_only_moe", "only MoE"),
+                          ("ft_only_non_moe", "all but MoE")) if c in ms) + "."
+    out.append(line)
   return out
 
 

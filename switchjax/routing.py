@@ -430,15 +430,16 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(lse ** 2)
 
 
-ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk")
+# "soft" has no token routing: switchjax/soft_moe.py mixes tokens into slots.
+ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk", "soft")
 SECOND_EXPERT_POLICIES = ("all", "random")
 # Experts each token is sent to, for routers whose K is fixed by the algorithm
 # (expert choice: 1, there the capacity factor is the mean experts per token).
-FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1}
+FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1, "soft": 1}
 # Routers in which later tokens of a group decide what earlier ones get (each
 # expert picks its tokens from the whole group): they would let a decoder see
 # future tokens. Batch-prioritized routing (any router) is the same.
-NON_CAUSAL_ROUTERS = ("expert_choice",)
+NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
 
 
 def experts_per_token(router: str, num_selected: int) -> int:
@@ -471,4 +472,7 @@ def route(router: str, logits: jax.Array, capacity: int, *,
     if noise_logits is None:
       raise ValueError("router 'noisy_topk' needs noise_logits")
     return noisy_topk(logits, noise_logits, capacity, num_selected, rng=rng)
+  if router == "soft":
+    raise ValueError("router 'soft' routes no tokens: it is "
+                     "switchjax.soft_moe.SoftMoeLayer's slots")
   raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")

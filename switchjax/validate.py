@@ -110,6 +110,9 @@ def _check_moe(config) -> None:
       prefix = "" if e.batch_prioritized else f"{key}: "
       raise ConfigError(prefix + model.causal_error(router,
                                                     e.batch_prioritized))
+    if router == "soft" and e.expert_parallel != "gspmd":
+      raise ConfigError(f"{key}='soft' runs with moe.expert_parallel='gspmd', "
+                        f"not {e.expert_parallel!r}")
     if dispatch.canonical(e.dispatch) == "dropless" and router == "expert_choice":
       raise ConfigError(
           f"moe.dispatch='dropless' needs token-choice routers; {key}="
@@ -276,6 +279,11 @@ def prepare(config: ml_collections.ConfigDict,
   except (OSError, ValueError) as e:
     raise ConfigError(f"data.vocab_path: {e}") from None
   _check_data(config)
+  if config.data.train_examples and not data_lib.is_task_data(config):
+    raise ConfigError(
+        f"data.train_examples={config.data.train_examples}: only a text-to-"
+        f"text task (e.g. data.name=kjv_books) has examples to cut; "
+        f"data.name={config.data.name!r} is a corpus")
   if config.model.arch == "encoder_decoder" and not data_lib.is_task_data(config):
     _check_span_corruption(config, vocab.extra_ids)
   if not config.train.init_from:

@@ -190,3 +190,69 @@ def test_j_student_starts_from_the_seeds_switch_run():
   assert out["train.distill_from"] == "DIR/switch_s2"
   assert out["train.distill_init"] and out["moe.num_experts"] == 0
   assert "train.num_steps" not in out  # the protocol's length
+
+
+def test_k_compares_the_train_validation_gaps():
+  runs = {}
+  for s, (dv, dt, sv, st) in enumerate([(3.0, 2.5, 3.2, 2.4),
+                                        (3.1, 2.6, 3.3, 2.5),
+                                        (3.0, 2.6, 3.25, 2.45)]):
+    runs[("ft_dense", s)] = F.Run(eval_loss=dv, late_train_loss=dt)
+    runs[("ft_switch", s)] = F.Run(eval_loss=sv, late_train_loss=st)
+    runs[("dense", s)] = runs[("switch", s)] = F.Run(eval_loss=4.8)
+  r = F.analyse_k(runs, SEEDS)
+  # Gaps by hand: dense 0.5, 0.5, 0.4; Switch 0.8, 0.8, 0.8.
+  assert r["gap"]["ft_dense"] == pytest.approx([0.5, 0.5, 0.4])
+  assert r["per_seed_difference"] == pytest.approx([0.3, 0.3, 0.4])
+  assert r["verdict"] == "agrees"  # the paper: Switch overfits more
+  assert r["pretrained"]["ft_switch"] == [4.8] * 3
+
+
+def test_l_expert_dropout_lower_validation_loss_agrees():
+  runs = _runs({"ft_switch": [3.0, 3.1, 3.2], "ft_switch_ed": [2.9, 3.0, 3.12]})
+  r = F.analyse_l(runs, SEEDS)
+  assert r["per_seed_difference"] == pytest.approx([-0.1, -0.1, -0.08])
+  assert r["verdict"] == "agrees"
+
+
+def test_i_only_moe_worse_agrees_and_the_rest_is_reported():
+  runs = _runs({"ft_switch": [3.0, 3.1, 3.2], "ft_only_moe": [3.3, 3.35, 3.5],
+                "ft_only_non_moe": [3.01, 3.08, 3.2]})
+  r = F.analyse_i(runs, SEEDS, {"switch": 100.0, "freeze_moe": 90.0})
+  assert r["per_seed_difference"] == pytest.approx([0.3, 0.25, 0.3])
+  assert r["verdict"] == "agrees" and r["paper_sign"] == 1
+  rest = r["only_non_moe_difference"]
+  assert rest["per_seed"] == pytest.approx([0.01, -0.02, 0.0])
+  assert rest["interval_95"][0] < 0 < rest["interval_95"][1]
+  assert r["step_ms"] == {"ft_switch": 100.0, "ft_only_non_moe": 90.0}
+
+
+def test_finetuning_cells_start_from_the_seeds_protocol_runs():
+  out = F.cell_overrides("ft_dense", 600, seed=1, workdir="DIR")
+  assert out["train.init_from"] == "DIR/dense_s1"
+  assert out["moe.num_experts"] == 0 and out["data.name"] == "kjv_books"
+  assert out["train.num_steps"] == 600 // F.FT_FRACTION
+  out = F.cell_overrides("ft_only_moe", 600, seed=2, workdir="DIR")
+  assert out["train.init_from"] == "DIR/switch_s2"
+  assert out["train.freeze"] == "non_experts"  # only the MoE layers train
+
+
+def test_report_lines_of_the_finetuning_findings():
+  from switchjax import repro_report
+  runs = {}
+  for s in SEEDS:
+    runs[("dense", s)] = runs[("switch", s)] = F.Run(eval_loss=4.8)
+    for cell, v, em in (("ft_dense", 3.0, 0.1), ("ft_switch", 3.2, 0.2),
+                        ("ft_switch_ed", 3.1 + 0.01 * s, 0.3),
+                        ("ft_only_moe", 3.5 + 0.01 * s, 0.0),
+                        ("ft_only_non_moe", 3.2 + 0.01 * s, 0.25)):
+      runs[(cell, s)] = F.Run(eval_loss=v, late_train_loss=2.5, exact_match=em)
+  results = {"i": F.analyse_i(runs, SEEDS, {"switch": 100.0,
+                                             "freeze_non_experts": 50.0}),
+             "k": F.analyse_k(runs, SEEDS), "l": F.analyse_l(runs, SEEDS)}
+  text = "\n".join(repro_report._finetuning_lines(results))
+  assert "gap dense +0.5000, Switch +0.7000" in text
+  assert "exact match dense 10.0 %, Switch 20.0 %" in text
+  assert "at 0.4 30.0 %" in text
+  assert "all but MoE 25.0 %" in text
+  assert "all 100 (1.00x), only MoE 50 (0.50x)" in text

@@ -137,3 +137,26 @@ def test_finetuning_a_pretrained_run_reports_exact_match(switch_run, tmp_path):
   assert 0.0 <= ev["exact_match"] <= 1.0 and ev["tokens"] > 0
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["init_from"] == pretrained
+
+
+def test_train_examples_cuts_the_task_to_its_first_verses():
+  """A small task: every training row comes from the first N verses (in the
+  encoder the verse is the whole input), and a corpus is refused."""
+  from switchjax import validate
+  from switchjax.data import tfds_corpus
+  config = experiment("switch_base", "tiny")
+  config.data.name, config.data.train_examples = "kjv_books", 5
+  config.data.inputs_length = 128
+  vocab = vocab_lib.get_vocabulary(config)
+  source = tfds_corpus.data_source("kjv_books", "train", None)
+  first = {tuple(pipeline.task_ids(vocab, source[i]["inputs"].decode(),
+                                   "encoder_decoder")) for i in range(5)}
+  it = iter(pipeline.make_dataset(config, "train", batch_size=4))
+  seen = set()
+  for _ in range(5):  # 20 rows: four passes over the five
+    for row in next(it)["encoder_input_tokens"]:
+      seen.add(tuple(int(t) for t in row if t))
+  assert seen == first
+  config.data.name = "bundled"
+  with pytest.raises(validate.ConfigError, match="data.train_examples=5"):
+    validate.prepare(config)

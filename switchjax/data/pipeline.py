@@ -204,7 +204,10 @@ def _task_dataset(config, source, train, batch_size, process_index,
   """A text-to-text task's batches: one example a row, this process's slice,
   shuffled per epoch in training, repeated forever."""
   d = config.data
-  examples = grain.MapDataset.source(source)[process_index::process_count]
+  examples = grain.MapDataset.source(source)
+  if train and d.train_examples:
+    examples = examples[:d.train_examples]  # a small task: its first N
+  examples = examples[process_index::process_count]
   if train:
     examples = examples.shuffle(seed=_seed(d.shuffle_seed, process_index))
   examples = examples.repeat().map(functools.partial(
