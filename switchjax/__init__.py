@@ -19,6 +19,7 @@ Modules, top to bottom (each imports only modules below it):
   model            T5-style encoder-decoder / decoder-only, dense or MoE FFNs
   soft_moe         Soft MoE: slots mixed from every token, no routing (encoders)
   moe              Router and MoeLayer: route, dispatch, experts, combine
+  hash_router      hash routing's fixed token-id -> expert table (no parameters)
   experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock
   expert_parallel  experts split over the mesh: GSPMD constraints, shard_map
   dropless         no-capacity grouped matmuls (ragged_dot)

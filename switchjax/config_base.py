@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   # sparse_offset; -1 = sparse_every - 1 (the papers': 1, 3, 5, ... for N=2).
   # Hugging Face's Switch puts it at 1 (layers 1, 5, 9 for N=4): README.
   e.sparse_offset = -1
-  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk
+  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk | soft | hash
   e.encoder_router = ""  # "" = same as `router`; e.g. expert_choice in the encoder
   e.decoder_router = ""
   e.num_selected = 1  # K for topk / noisy_topk (switch: 1, gshard: 2)

@@ -208,7 +208,8 @@ def _decode_loop(graphdef, rows, length, encoder_decoder, cache, eos_id,
     cross = None if enc_valid is None else enc_valid[:, None, None, :]
     x, _ = m.decoder(m.embed(tokens_t[:, None]), mask=mask,
                      positions=jnp.full((1, 1), t, jnp.int32),
-                     key_positions=key_positions, cross_mask=cross)
+                     key_positions=key_positions, cross_mask=cross,
+                     token_ids=tokens_t[:, None])
     return m.logits(x)[:, 0]
 
   def uncached_step(m, seq, t, enc):

@@ -123,7 +123,8 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       normalize_weights=e.normalize_weights,
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
       expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
-      init_scale=m.init_scale, dtype=to_dtype(m.dtype))
+      init_scale=m.init_scale, dtype=to_dtype(m.dtype),
+      vocab_size=m.vocab_size)
 
 
 def _remat_call(module: nnx.Module, *args):
@@ -170,12 +171,14 @@ class TransformerLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array,
                encoded: Optional[jax.Array] = None,
-               cross_mask: Optional[jax.Array] = None
+               cross_mask: Optional[jax.Array] = None,
+               token_ids: Optional[jax.Array] = None
                ) -> tuple[jax.Array, Optional[moe_lib.MoeOutput]]:
     """x [B, L, M] -> ([B, L, M], MoeOutput or None).
 
     mask bool[B, 1, L, L], bias f32[B|1, N, L, L] for self-attention;
-    encoded [B, Li, M] and cross_mask bool[B, 1, L, Li] for cross-attention.
+    encoded [B, Li, M] and cross_mask bool[B, 1, L, Li] for cross-attention;
+    token_ids i32[B, L], the inputs' ids (what hash routing reads).
     """
     h = self.pre_self_attention_norm(x)
     x = x + self.dropout(self.self_attention(h, h, mask=mask, bias=bias))
@@ -184,7 +187,8 @@ class TransformerLayer(nnx.Module):
       x = x + self.dropout(self.cross_attention(h, encoded, mask=cross_mask))
     h = self.pre_mlp_norm(x)
     if self.sparse:
-      y, moe_out = (_remat_call(self.mlp, h) if self.remat_mlp else self.mlp(h))
+      y, moe_out = (_remat_call(self.mlp, h, token_ids) if self.remat_mlp
+                    else self.mlp(h, token_ids))
     else:
       y, moe_out = self.mlp(h), None
     return x + self.dropout(y.astype(x.dtype)), moe_out
@@ -221,10 +225,12 @@ class Stack(nnx.Module):
                positions: Optional[jax.Array] = None,
                key_positions: Optional[jax.Array] = None,
                encoded: Optional[jax.Array] = None,
-               cross_mask: Optional[jax.Array] = None
+               cross_mask: Optional[jax.Array] = None,
+               token_ids: Optional[jax.Array] = None
                ) -> tuple[jax.Array, list[moe_lib.MoeOutput]]:
     """Embedded inputs x [B, L, M] -> (normed outputs [B, L, M], MoE outputs).
 
+    token_ids: i32[B, L] the ids x embeds (for hash routing).
     positions: i32[B|1, L] for the relative position bias (default 0..L-1).
     key_positions: i32[B|1, T] of the keys (default `positions`); decoding
       with a cache of T entries passes them (`switchjax.decoding`).
@@ -237,7 +243,7 @@ class Stack(nnx.Module):
     x = self.dropout(x)
     moe_outputs = []
     for layer in self.layers:
-      args = (x, mask, bias, encoded, cross_mask)
+      args = (x, mask, bias, encoded, cross_mask, token_ids)
       x, moe_out = _remat_call(layer, *args) if self.remat else layer(*args)
       if moe_out is not None:
         moe_outputs.append(moe_out)
@@ -317,7 +323,7 @@ class EncoderDecoder(_LanguageModel):
         valid, valid, query_segment_ids=segment_ids,
         key_segment_ids=segment_ids)
     return self.encoder(self.embed(tokens, self.encoder_embedding), mask=mask,
-                        positions=positions)
+                        positions=positions, token_ids=tokens)
 
   def __call__(self, encoder_input_tokens: jax.Array,
                decoder_input_tokens: jax.Array, *,
@@ -348,7 +354,8 @@ class EncoderDecoder(_LanguageModel):
         key_segment_ids=encoder_segment_ids)
     x, dec_moe = self.decoder(
         self.embed(decoder_input_tokens), mask=dec_mask,
-        positions=decoder_positions, encoded=encoded, cross_mask=cross_mask)
+        positions=decoder_positions, encoded=encoded, cross_mask=cross_mask,
+        token_ids=decoder_input_tokens)
     names = self.encoder.moe_layer_names + self.decoder.moe_layer_names
     return self.logits(x), _summarise(enc_moe + dec_moe, names)
 
@@ -373,7 +380,8 @@ class DecoderOnly(_LanguageModel):
         valid, valid, causal=True, query_segment_ids=decoder_segment_ids,
         key_segment_ids=decoder_segment_ids)
     x, moe_outputs = self.decoder(self.embed(decoder_input_tokens), mask=mask,
-                                  positions=decoder_positions)
+                                  positions=decoder_positions,
+                                  token_ids=decoder_input_tokens)
     return self.logits(x), _summarise(moe_outputs, self.decoder.moe_layer_names)
 
 

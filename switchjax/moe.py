@@ -26,6 +26,7 @@ from switchjax import dropless as dropless_lib
 from switchjax import expert_parallel as expert_parallel_lib
 from switchjax import experts as experts_lib
 from switchjax import ffn
+from switchjax import hash_router
 from switchjax import partitioning
 from switchjax import routing as routing_lib
 
@@ -141,6 +142,7 @@ class MoeLayer(nnx.Module):
     init_scale: Switch's weight init scale s of the experts.
     dtype: the experts' compute dtype (params are float32).
     deterministic: eval mode.
+    vocab_size: V, for router 'hash' (its table maps every id to an expert).
     rngs: 'params' for the init, 'dropout' / 'router' streams.
   """
 
@@ -157,7 +159,7 @@ class MoeLayer(nnx.Module):
                dispatch: str = "gather", expert_parallel: str = "gspmd",
                expert_impl: str = "auto", init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
-               rngs: nnx.Rngs):
+               vocab_size: int = 0, rngs: nnx.Rngs):
     dispatch = dispatch_lib.canonical(dispatch)
     experts_lib.check_choice("router", router, routing_lib.ROUTERS)
     if router == "soft":
@@ -201,10 +203,13 @@ class MoeLayer(nnx.Module):
     self.dtype = dtype
     self.deterministic = deterministic
 
-    self.router = Router(d_model, num_experts, noisy=router == "noisy_topk",
-                         jitter=router_jitter, dtype=router_dtype,
-                         init_std=router_init_std, deterministic=deterministic,
-                         rngs=rngs)
+    self.router = (
+        hash_router.HashRouter(vocab_size, num_experts)
+        if router == hash_router.ROUTER else
+        Router(d_model, num_experts, noisy=router == "noisy_topk",
+               jitter=router_jitter, dtype=router_dtype,
+               init_std=router_init_std, deterministic=deterministic,
+               rngs=rngs))
     self.experts = experts_lib.Experts(
         num_experts, d_model, d_ff, activation=activation,
         dropout=expert_dropout, init_scale=init_scale, dtype=dtype,
@@ -233,8 +238,15 @@ class MoeLayer(nnx.Module):
         num_selected=self.num_selected, min_capacity=self.min_capacity)
     return min(capacity, tokens_per_group)
 
-  def route(self, x: jax.Array) -> tuple[routing_lib.Routing, jax.Array]:
-    """x[G, S, M] -> (Routing, router logits [G, S, E] in router_dtype, f32 by default)."""
+  def route(self, x: jax.Array, token_ids: Optional[jax.Array] = None
+            ) -> tuple[routing_lib.Routing, Optional[jax.Array]]:
+    """x[G, S, M] (token_ids i32[G, S]) -> (Routing, router logits [G, S, E]
+    in router_dtype, f32 by default; None for hash routing)."""
+    if self.router_name == hash_router.ROUTER:
+      if token_ids is None:
+        raise ValueError("router 'hash' needs the token ids of its inputs.")
+      return routing_lib.hash_top1(self.router(token_ids), self.num_experts,
+                                   self.capacity(x.shape[1])), None
     deterministic = self.deterministic
     logits, noise_logits = self.router(x, deterministic=deterministic)
     policy = self.second_expert_policy
@@ -289,8 +301,10 @@ class MoeLayer(nnx.Module):
     outputs = expert_parallel_lib.from_experts(outputs)
     return combine(outputs, routing)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, MoeOutput]:
-    """x[B, L, M] -> (y[B, L, M] in `dtype`, MoeOutput)."""
+  def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, MoeOutput]:
+    """x[B, L, M] -> (y[B, L, M] in `dtype`, MoeOutput); token_ids i32[B, L]
+    are what hash routing reads (other routers ignore them)."""
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(
           f"MoeLayer expects tokens [B, L, M={self.d_model}], got shape {x.shape}.")
@@ -298,7 +312,8 @@ class MoeLayer(nnx.Module):
     groups = dispatch_lib.group_tokens(x, self.group_size or x.shape[1])
     # On a mesh: whole groups per device, routed where they are.
     groups = expert_parallel_lib.constrain_groups(groups)
-    routing, logits = self.route(groups)
+    ids = None if token_ids is None else token_ids.reshape(groups.shape[:2])
+    routing, logits = self.route(groups, ids)
     groups = groups.astype(self.dtype)
     if self.dispatch == "dropless":
       y = dropless_lib.apply(groups, routing, self.experts,
@@ -308,7 +323,8 @@ class MoeLayer(nnx.Module):
     else:
       y = self._buffered_experts(groups, routing)
     y = expert_parallel_lib.constrain_groups(y)
-    aux = MoeOutput(aux_loss=routing.aux_loss,
-                    z_loss=routing_lib.router_z_loss(logits.astype(jnp.float32)),
+    z_loss = (jnp.zeros((), jnp.float32) if logits is None else
+              routing_lib.router_z_loss(logits.astype(jnp.float32)))
+    aux = MoeOutput(aux_loss=routing.aux_loss, z_loss=z_loss,
                     metrics=routing.metrics)
     return y.reshape(x.shape).astype(self.dtype), aux

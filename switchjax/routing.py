@@ -421,6 +421,21 @@ def expert_choice(logits: jax.Array, capacity: int) -> Routing:
       num_tokens=s)
 
 
+def hash_top1(expert_index: jax.Array, num_experts: int,
+              capacity: int) -> Routing:
+  """Hash layers (Roller et al. 2021): every token to its id's expert.
+
+  expert_index: i32[G, S] (`hash_router.HashRouter`). Combine weight 1;
+  tokens past an expert's capacity are dropped in token order, as Switch's.
+  There is no router to balance: aux_loss is 0; the metrics see one-hot
+  probabilities (confidence 1, entropy 0).
+  """
+  probs = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
+  ones = jnp.ones(expert_index.shape + (1,), jnp.float32)
+  return _token_choice_routing(probs, expert_index[..., None], ones,
+                               ones > 0, capacity, jnp.zeros((), jnp.float32))
+
+
 def router_z_loss(logits: jax.Array) -> jax.Array:
   """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean_tokens logsumexp^2."""
   if logits.ndim != 3:
@@ -431,11 +446,13 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 # "soft" has no token routing: switchjax/soft_moe.py mixes tokens into slots.
-ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk", "soft")
+# "hash" routes by token id (switchjax/hash_router.py, then `hash_top1`).
+ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk", "soft",
+           "hash")
 SECOND_EXPERT_POLICIES = ("all", "random")
 # Experts each token is sent to, for routers whose K is fixed by the algorithm
 # (expert choice: 1, there the capacity factor is the mean experts per token).
-FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1, "soft": 1}
+FIXED_K = {"switch": 1, "gshard": 2, "expert_choice": 1, "soft": 1, "hash": 1}
 # Routers in which later tokens of a group decide what earlier ones get (each
 # expert picks its tokens from the whole group): they would let a decoder see
 # future tokens. Batch-prioritized routing (any router) is the same.
@@ -475,4 +492,6 @@ def route(router: str, logits: jax.Array, capacity: int, *,
   if router == "soft":
     raise ValueError("router 'soft' routes no tokens: it is "
                      "switchjax.soft_moe.SoftMoeLayer's slots")
+  if router == "hash":
+    raise ValueError("router 'hash' routes token ids, not logits: hash_top1")
   raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")

@@ -50,8 +50,8 @@ def recorded_routing() -> Iterator[list[routing_lib.Routing]]:
   """Collects the Routing of every MoeLayer call, in call order."""
   calls, original = [], moe_lib.MoeLayer.route
 
-  def route(self, x):
-    routing, logits = original(self, x)
+  def route(self, x, token_ids=None):
+    routing, logits = original(self, x, token_ids)
     calls.append(routing)
     return routing, logits
 

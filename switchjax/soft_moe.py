@@ -25,7 +25,7 @@ it as any MoE layer. Notation: see `switchjax/__init__.py`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from flax import nnx
 import jax
@@ -130,7 +130,11 @@ class SoftMoeLayer(nnx.Module):
         dropout=expert_dropout, init_scale=init_scale, dtype=dtype,
         impl=expert_impl, deterministic=deterministic, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, moe_lib.MoeOutput]:
+  def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, moe_lib.MoeOutput]:
+    """x[B, L, M] -> (y[B, L, M] in `dtype`, MoeOutput); token_ids unused
+    (MoeLayer's signature)."""
+    del token_ids
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"SoftMoeLayer expects tokens [B, L, M={self.d_model}], "
                        f"got shape {x.shape}.")

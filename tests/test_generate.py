@@ -33,13 +33,16 @@ def small(name, preset="tiny", arch=None, **moe):
 
 MODELS = {
     # name: config; decoder-only and encoder-decoder, dense and sparse
-    # (top-1, top-2, and expert choice in the encoder).
+    # (top-1, top-2, hash routing; expert choice and Soft MoE in the encoder).
     "decoder_only_dense": lambda: small("t5_base", arch="decoder_only"),
     "decoder_only_switch": lambda: small("switch_base", arch="decoder_only"),
     "decoder_only_top2": lambda: small("gshard", arch="decoder_only"),
     "encoder_decoder_dense": lambda: small("t5_base"),
     "encoder_decoder_switch": lambda: small("switch_base"),
     "encoder_decoder_expert_choice": lambda: small("expert_choice"),
+    "decoder_only_hash": lambda: small("switch_base", arch="decoder_only",
+                                       router="hash"),
+    "encoder_decoder_soft": lambda: small("switch_base", encoder_router="soft"),
 }
 
 
