@@ -256,8 +256,8 @@ def test_aux_loss_is_mean_over_moe_layers():
   recorded = []
   original = moe_lib.MoeLayer.__call__
 
-  def recording_call(self, x):
-    y, out = original(self, x)
+  def recording_call(self, x, token_ids=None):
+    y, out = original(self, x, token_ids)
     recorded.append(out)
     return y, out
 
