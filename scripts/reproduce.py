@@ -360,7 +360,7 @@ def main(argv=None) -> None:
     sys.exit(f"error: {e}")
   runs = load_runs(args.workdir, cells)
   bench = step_times(args.workdir, train=not args.report_only and any(
-      f in args.findings for f in ("c", "d")))
+      f in args.findings for f in ("c", "d", "i")))
   base = base_config(args.set)
   tokens = base.train.num_steps * results_lib.tokens_per_step(base)
   results = analyse(args.findings, runs, args.seeds, bench, tokens)
@@ -408,7 +408,9 @@ def publish(args, results, runs, bench, meta, base) -> None:
   made_by = f"`{meta['command']}` on {meta['date']} at commit `{meta['commit']}`"
   results = {f: dict(r, made_by=made_by) for f, r in results.items()}
   for name in PUBLISHED + repro_report.FIGURES:
-    finding = repro_report.FIGURE_FINDING.get(name)
+    # The specialisation probe reads finding (a)'s Switch run, as its figure.
+    finding = repro_report.FIGURE_FINDING.get(
+        "specialisation.png" if name == "specialisation.json" else name)
     if (name == "findings.json" or (finding in kept)
         or not os.path.exists(os.path.join(args.workdir, name))):
       continue

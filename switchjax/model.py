@@ -159,6 +159,7 @@ class TransformerLayer(nnx.Module):
     self.sparse = moe_kwargs is not None
     if self.sparse:
       d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
+      # moe_layer_kwargs gives router 'soft' a SoftMoeLayer's arguments.
       cls = (soft_moe.SoftMoeLayer if "slots_per_expert" in moe_kwargs
              else moe_lib.MoeLayer)
       self.mlp = cls(m.d_model, d_ff, rngs=rngs, **moe_kwargs)

@@ -388,7 +388,10 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
                f"{bench['peak_gflops']:.0f} GFLOP/s; " + ", ".join(
                    f"{r['variant']} {r['tokens_per_sec']:.0f} tokens/s = "
                    f"{r['gflops']:.1f} GFLOP/s ({100 * r['mfu']:.0f} %)"
-                   for r in bench.get("rows", [])) + " (benchmarks/"
+                   for r in bench.get("rows", [])
+                   # A frozen step skips weight gradients: its FLOPs are
+                   # not the full step's that this line counts.
+                   if not r["variant"].startswith("freeze_")) + " (benchmarks/"
                "repro_throughput.py; model FLOPs = matmuls of the active "
                "path, 3x the forward).")
   return out

@@ -336,8 +336,17 @@ def test_publishing_one_finding_keeps_the_others(tmp_path, monkeypatch):
     name, _, seed = cell.name.rpartition("_s")
     _fake_run(os.path.join(wd, cell.name), config,
               [6.0, final[name][int(seed)]])
+  # The specialisation probe reads (a)'s Switch run: kept with (a), not
+  # replaced by the one of this workdir (another run of that seed).
+  spec = json.loads(open(os.path.join(reproduce.ROOT, "docs", "results",
+                                      "specialisation.json")).read())
+  (docs / "results" / "specialisation.json").write_text(json.dumps(spec))
+  with open(os.path.join(wd, "specialisation.json"), "w") as f:
+    json.dump(dict(spec, run="other_s0"), f)
   reproduce.main(["--findings", "h", "--seeds", "0,1", "--workdir", wd,
                   "--report_only", "--publish"])
+  assert json.loads((docs / "results" / "specialisation.json").read_text()
+                    ) == spec
   merged = json.loads((docs / "results" / "findings.json").read_text())
   assert list(merged) == ["a", "h"]
   assert merged["a"] == {**published_a,
