@@ -406,7 +406,8 @@ def overfit_gap(run: Run) -> float:
 
 def analyse_k(runs: Runs, seeds: Sequence[int]) -> dict:
   """Fine-tuned on a small task, does Switch's train/validation gap grow
-  more than the dense model's (both from protocol runs of equal quality)?"""
+  more than the dense model's (both from protocol runs of equal length;
+  `pretrained` records how close in quality they start)?"""
   cells = ("ft_switch", "ft_dense")
   got = {c: _get(runs, c, seeds) for c in cells}
   gaps = {c: [overfit_gap(r) for r in rs] for c, rs in got.items()}
@@ -533,7 +534,7 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in (
             "teacher's gain kept)", (("dense", "switch"), ("distilled",)),
             analyse_j),
     Finding("k", "Fine-tuned on a small task, a sparse model overfits more "
-            "than a dense one of equal pre-trained quality (Switch §4.1)",
+            "than a dense one pre-trained as long (Switch §4.1)",
             (("dense", "switch"), ("ft_dense", "ft_switch")), analyse_k),
     Finding("l", "Expert dropout 0.4 fine-tunes better than 0.1 (Switch "
             "§4.1, Table 4)", (("switch",), ("ft_switch", "ft_switch_ed")),
