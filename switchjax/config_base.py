@@ -22,14 +22,21 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_ff = 2048
   m.num_encoder_layers = 12
   m.num_decoder_layers = 12  # also the layer count of decoder_only
-  m.activation = "gated_gelu"  # "relu" (T5, Switch paper) or "gated_gelu" (T5.1.1)
+  m.activation = "gated_gelu"  # "relu" (T5, Switch paper), "gated_gelu" (T5.1.1), "swiglu" (Mixtral)
   m.dropout_rate = 0.1
   m.tie_embeddings = False  # T5.1.1 unties input embedding and output logits
   # The encoder has an input embedding of its own (transformers 5's Switch
   # with tie_word_embeddings=False); False: one for both stacks, as T5.
   m.separate_encoder_embedding = False
+  # Positions: T5's learned relative bias ("relative", the two keys below)
+  # or rotary embeddings ("rope": Llama, Mistral, Mixtral) with base rope_theta.
+  m.position_embedding = "relative"
   m.relative_attention_num_buckets = 32
   m.relative_attention_max_distance = 128
+  m.rope_theta = 10000.0
+  m.num_kv_heads = 0  # key/value heads; 0 = num_heads, fewer = grouped-query attention
+  m.attention_window = 0  # sliding-window attention over this many positions; 0 = all
+  m.norm_epsilon = 1e-6  # RMSNorm's (T5 1e-6, Mixtral 1e-5)
   m.dtype = "bfloat16"  # activations / matmuls; params are always float32
   m.init_scale = 1.0  # Switch §2.4 uses 0.1 for every weight
   m.remat = "none"  # "none" | "full" | "experts": jax.checkpoint policy per block

@@ -185,8 +185,14 @@ SCHEMA: dict[str, Spec] = {
     "model.separate_encoder_embedding": BOOL,  # encoder_decoder only
     # attention.relative_position_bucket: see _check_model for how the two go
     # together (exact buckets must exist and max_distance lie beyond them).
+    "model.position_embedding": Choice(model.POSITION_EMBEDDINGS),
     "model.relative_attention_num_buckets": Int(2),
     "model.relative_attention_max_distance": Int(2),
+    "model.rope_theta": POSITIVE,
+    # divides num_heads: _check_model
+    "model.num_kv_heads": Int(1, special=(0,), special_doc="model.num_heads"),
+    "model.attention_window": Int(1, special=(0,), special_doc="no window"),
+    "model.norm_epsilon": POSITIVE,
     "model.dtype": Choice(model.DTYPES),
     "model.init_scale": POSITIVE,
     "model.remat": Choice(model.REMATS),

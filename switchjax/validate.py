@@ -65,6 +65,16 @@ def _check_model(config) -> None:
   if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
     raise ConfigError("model.num_encoder_layers must be >= 1 in an "
                       f"encoder_decoder, got {m.num_encoder_layers}")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads="
+        f"{m.num_heads}: each key/value head serves num_heads / num_kv_heads "
+        "query heads")
+  if m.position_embedding == "rope":
+    if m.head_dim % 2:
+      raise ConfigError(f"model.position_embedding='rope' rotates pairs of "
+                        f"dims: model.head_dim must be even, got {m.head_dim}")
+    return  # the relative-bias keys below are unused
   # attention.relative_position_bucket: a bidirectional (encoder) stack splits
   # the buckets between the two directions; each direction keeps half of its
   # buckets for exact offsets (max_exact) and log-spaces the rest up to
