@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
