@@ -19,6 +19,7 @@ Modules, top to bottom (each imports only modules below it):
   model            T5-style encoder-decoder / decoder-only, dense or MoE FFNs
                    (attention: relative bias or RoPE, grouped-query, windows)
   soft_moe         Soft MoE: slots mixed from every token, no routing (encoders)
+  shared_experts   DeepSeekMoE: a MoeLayer plus always-on shared experts
   moe              Router and MoeLayer: route, dispatch, experts, combine
   hash_router      hash routing's fixed token-id -> expert table (no parameters)
   experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock

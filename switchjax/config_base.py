@@ -74,6 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
   e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
   e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
+  # DeepSeekMoE (Dai et al. 2024, switchjax/shared_experts.py): granularity m
+  # splits each expert into m of width d_ff / m and chooses m x K of the
+  # m x E; num_shared_experts of those m x K are always on (every token, no
+  # router), so m x K - num_shared_experts are routed: equal compute.
+  e.expert_granularity = 1
+  e.num_shared_experts = 0
+  e.first_dense_layers = 0  # the first N layers of every stack stay dense
   # switchjax/dispatch.py: "gather" (gather/scatter, never a [G, S, E, C]
   # tensor; "fast" is its old name, still accepted) | "einsum" (GShard's
   # one-hot reference) | "dropless" (no capacity, grouped matmuls; GPU/TPU).

@@ -221,6 +221,9 @@ SCHEMA: dict[str, Spec] = {
     "moe.batch_prioritized": BOOL,
     "moe.expert_dropout": RATE,
     "moe.d_ff": Int(1, special=(-1,), special_doc="model.d_ff"),
+    "moe.expert_granularity": Int(1),  # divides the expert d_ff: _check_moe
+    "moe.num_shared_experts": Int(0),  # < m x K: _check_moe
+    "moe.first_dense_layers": Int(0),
     "moe.dispatch": Choice(dispatch.DISPATCHES, special=tuple(dispatch.ALIASES),
                            special_doc="the old name of 'gather'"),
     "moe.expert_impl": Choice(experts.EXPERT_IMPLS),

@@ -69,7 +69,7 @@ def _moe_shape(config, stack: str, length: int) -> tuple[int, int, int, int]:
   """(S, E, C, K) of a stack's MoE layers in training (moe.MoeLayer.capacity)."""
   e = config.moe
   router = model_lib.stack_router(e, stack)
-  k = routing.experts_per_token(router, e.num_selected)
+  num_experts, k = model_lib.routed_shape(e, router)
   tokens = config.train.batch_size * length
   s = min(e.group_size or length, tokens)
   if e.dispatch == "dropless":
@@ -77,10 +77,10 @@ def _moe_shape(config, stack: str, length: int) -> tuple[int, int, int, int]:
   elif e.expert_capacity > 0:
     c = min(e.expert_capacity, s)
   else:
-    c = min(routing.expert_capacity(s, e.num_experts, e.train_capacity_factor,
+    c = min(routing.expert_capacity(s, num_experts, e.train_capacity_factor,
                                     num_selected=k, min_capacity=e.min_capacity),
             s)
-  return s, e.num_experts, c, k
+  return s, num_experts, c, k
 
 
 def _ffn_mats(config) -> int:
@@ -89,17 +89,19 @@ def _ffn_mats(config) -> int:
 
 
 def _expert_d_ff(config) -> int:
-  return config.moe.d_ff if config.moe.d_ff > 0 else config.model.d_ff
+  return model_lib.expert_d_ff(config)
 
 
 def _experts_per_token(config, layer: Layer, slots: bool) -> float:
-  """Expert FFNs a token's compute pays for: K, or every slot (E * C / S)."""
+  """Expert FFNs a token's compute pays for: K, or every slot (E * C / S),
+  and the always-on shared experts (DeepSeekMoE)."""
   s, e, c, k = layer.moe
   if slots:
-    return e * c / s
+    return e * c / s + config.moe.num_shared_experts
   router = model_lib.stack_router(config.moe, layer.stack)
   # Expert choice: each expert takes cf * S / E tokens, cf per token on average.
-  return config.moe.train_capacity_factor if router == "expert_choice" else k
+  return (config.moe.train_capacity_factor if router == "expert_choice"
+          else k) + config.moe.num_shared_experts
 
 
 def forward_flops_per_sequence(config: ml_collections.ConfigDict, *,
@@ -200,7 +202,8 @@ def _layer_bytes(config, layer: Layer, shards: Shards) -> tuple[float, float]:
     kept += hidden * a * (3 if gated else 2) + (hidden * (_MASK + a) if drop else 0)
     return kept + (m.d_model * _MASK if drop else 0), 0.0
   s, e, c, _ = layer.moe
-  slots = e * c / s  # buffer slots per token
+  # buffer slots per token, and the shared experts' rows (no buffer, same cost)
+  slots = e * c / s + config.moe.num_shared_experts
   hidden = _split(_expert_d_ff(config), shards.model)
   expert_drop = config.moe.expert_dropout > 0
   # Router logits and probabilities (f32), the dispatched buffers, the experts'

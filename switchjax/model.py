@@ -12,7 +12,8 @@ attention (`model.num_kv_heads`), sliding-window attention
 experiments/mixtral.py. Layer i (0-based) of a stack has an MoE
 FFN iff moe.num_experts > 0 and i % sparse_every == sparse_every - 1, so
 Switch's sparse_every=2 makes layers 1, 3, 5, ... sparse; moe.sparse_offset
-moves which layer of every sparse_every is sparse (Hugging Face's layout).
+moves which layer of every sparse_every is sparse (Hugging Face's layout),
+and moe.first_dense_layers keeps the first layers dense (DeepSeekMoE).
 
 Params are float32; activations and matmuls run in model.dtype and the
 logits come out in float32.
@@ -33,6 +34,7 @@ from switchjax import experts as experts_lib
 from switchjax import moe as moe_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
+from switchjax import shared_experts
 from switchjax import soft_moe
 
 ARCHS = ("encoder_decoder", "decoder_only")
@@ -68,22 +70,42 @@ def to_dtype(name: str) -> Any:
 
 
 def is_sparse_layer(index: int, num_experts: int, sparse_every: int,
-                    sparse_offset: int = -1) -> bool:
+                    sparse_offset: int = -1, first_dense: int = 0) -> bool:
   """Whether layer `index` (0-based) of a stack gets an MoE FFN.
 
-  Layer i is sparse iff i % sparse_every == sparse_offset; offset -1 means
-  sparse_every - 1 (the last layer of every sparse_every).
+  Layer i is sparse iff i >= first_dense and i % sparse_every ==
+  sparse_offset; offset -1 means sparse_every - 1 (the last layer of every
+  sparse_every).
   """
   offset = sparse_every - 1 if sparse_offset < 0 else sparse_offset
-  return num_experts > 0 and index % sparse_every == offset
+  return (num_experts > 0 and index >= first_dense
+          and index % sparse_every == offset)
 
 
 def sparse_layers(moe_config: ml_collections.ConfigDict,
                   num_layers: int) -> list[bool]:
   """Per layer of a stack of `num_layers`: whether it gets an MoE FFN."""
   e = moe_config
-  return [is_sparse_layer(i, e.num_experts, e.sparse_every, e.sparse_offset)
+  return [is_sparse_layer(i, e.num_experts, e.sparse_every, e.sparse_offset,
+                          e.first_dense_layers)
           for i in range(num_layers)]
+
+
+def expert_d_ff(config: ml_collections.ConfigDict) -> int:
+  """H of each expert: moe.d_ff (default model.d_ff) / moe.expert_granularity."""
+  d_ff = config.moe.d_ff if config.moe.d_ff > 0 else config.model.d_ff
+  return d_ff // config.moe.expert_granularity
+
+
+def routed_shape(moe_config: ml_collections.ConfigDict,
+                 router: str) -> tuple[int, int]:
+  """(E, K) of a layer's routed experts: moe.num_experts and the router's K,
+  times moe.expert_granularity m; the always-on shared experts count
+  against the m x K chosen (DeepSeekMoE keeps the compute of top-K)."""
+  e = moe_config
+  m = e.expert_granularity
+  k = routing_lib.experts_per_token(router, e.num_selected)
+  return m * e.num_experts, m * k - e.num_shared_experts
 
 
 def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
@@ -117,8 +139,11 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
         router_init_std=e.router_init_std, expert_parallel=e.expert_parallel,
         expert_impl=e.expert_impl, init_scale=m.init_scale,
         dtype=to_dtype(m.dtype))
+  num_experts, num_selected = routed_shape(e, router)
+  extra = ({"num_shared_experts": e.num_shared_experts}
+           if e.num_shared_experts else {})
   return dict(
-      num_experts=e.num_experts, router=router, num_selected=e.num_selected,
+      num_experts=num_experts, router=router, num_selected=num_selected,
       train_capacity_factor=e.train_capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor,
       min_capacity=e.min_capacity, group_size=e.group_size,
@@ -131,7 +156,7 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
       expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype),
-      vocab_size=m.vocab_size)
+      vocab_size=m.vocab_size, **extra)
 
 
 def rms_norm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -173,11 +198,12 @@ class TransformerLayer(nnx.Module):
     self.pre_mlp_norm = rms_norm(config, rngs)
     self.sparse = moe_kwargs is not None
     if self.sparse:
-      d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
-      # moe_layer_kwargs gives router 'soft' a SoftMoeLayer's arguments.
+      # moe_layer_kwargs gives router 'soft' a SoftMoeLayer's arguments, and
+      # shared experts a SharedExpertsMoeLayer's.
       cls = (soft_moe.SoftMoeLayer if "slots_per_expert" in moe_kwargs
-             else moe_lib.MoeLayer)
-      self.mlp = cls(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
+             else shared_experts.SharedExpertsMoeLayer
+             if "num_shared_experts" in moe_kwargs else moe_lib.MoeLayer)
+      self.mlp = cls(m.d_model, expert_d_ff(config), rngs=rngs, **moe_kwargs)
     else:
       self.mlp = experts_lib.MlpBlock(
           m.d_model, m.d_ff, activation=m.activation, dropout=m.dropout_rate,
