@@ -22,6 +22,7 @@ Modules, top to bottom (each imports only modules below it):
   shared_experts   DeepSeekMoE: a MoeLayer plus always-on shared experts
   moe              Router and MoeLayer: route, dispatch, experts, combine
   hash_router      hash routing's fixed token-id -> expert table (no parameters)
+  loss_free        loss-free balancing: bias-corrected top-K, the bias's update
   experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock
   expert_parallel  experts split over the mesh: GSPMD constraints, shard_map
   dropless         no-capacity grouped matmuls (ragged_dot)

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   # sparse_offset; -1 = sparse_every - 1 (the papers': 1, 3, 5, ... for N=2).
   # Hugging Face's Switch puts it at 1 (layers 1, 5, 9 for N=4): README.
   e.sparse_offset = -1
-  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk | soft | hash
+  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk | soft | hash | loss_free
   e.encoder_router = ""  # "" = same as `router`; e.g. expert_choice in the encoder
   e.decoder_router = ""
   e.num_selected = 1  # K for topk / noisy_topk (switch: 1, gshard: 2)
@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   e.expert_granularity = 1
   e.num_shared_experts = 0
   e.first_dense_layers = 0  # the first N layers of every stack stay dense
+  # router "loss_free" (switchjax/loss_free.py, DeepSeek-V3): scores, the
+  # bias step after each optimizer step, and the combine weights' factor.
+  e.score_func = "sigmoid"  # or "softmax"
+  e.bias_update_rate = 0.001
+  e.routed_scaling_factor = 1.0
   # switchjax/dispatch.py: "gather" (gather/scatter, never a [G, S, E, C]
   # tensor; "fast" is its old name, still accepted) | "einsum" (GShard's
   # one-hot reference) | "dropless" (no capacity, grouped matmuls; GPU/TPU).

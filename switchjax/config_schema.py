@@ -22,6 +22,7 @@ from switchjax import expert_parallel
 from switchjax import experts
 from switchjax import faults
 from switchjax import ffn
+from switchjax import loss_free
 from switchjax import model
 from switchjax import moe
 from switchjax import optim
@@ -224,6 +225,9 @@ SCHEMA: dict[str, Spec] = {
     "moe.expert_granularity": Int(1),  # divides the expert d_ff: _check_moe
     "moe.num_shared_experts": Int(0),  # < m x K: _check_moe
     "moe.first_dense_layers": Int(0),
+    "moe.score_func": Choice(loss_free.SCORE_FUNCS),
+    "moe.bias_update_rate": Float(0.0),
+    "moe.routed_scaling_factor": POSITIVE,
     "moe.dispatch": Choice(dispatch.DISPATCHES, special=tuple(dispatch.ALIASES),
                            special_doc="the old name of 'gather'"),
     "moe.expert_impl": Choice(experts.EXPERT_IMPLS),

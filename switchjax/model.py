@@ -156,7 +156,8 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
       expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype),
-      vocab_size=m.vocab_size, **extra)
+      vocab_size=m.vocab_size, score_func=e.score_func,
+      routed_scaling_factor=e.routed_scaling_factor, **extra)
 
 
 def rms_norm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.RMSNorm:

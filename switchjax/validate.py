@@ -122,11 +122,11 @@ def _check_moe(config) -> None:
       raise ConfigError(
           f"{key}={router!r} sends each token to K={k} experts{chosen}, more "
           f"than moe.num_experts={e.num_experts}")
-    if granular and router not in ("topk", "noisy_topk"):
+    if granular and router in routing.FIXED_K:
       raise ConfigError(
           f"moe.expert_granularity / moe.num_shared_experts choose "
           f"granularity x K experts per token: {key}={router!r} fixes its K; "
-          "use 'topk' or 'noisy_topk'")
+          "use 'topk', 'noisy_topk' or 'loss_free'")
     if granular and model.routed_shape(e, router)[1] < 1:
       raise ConfigError(
           f"moe.num_shared_experts={e.num_shared_experts} takes all of the "
