@@ -17,8 +17,11 @@ from switchjax import loss_free
 from switchjax import moe
 from switchjax import shared_experts
 
-from test_resume import (ROOT, assert_same_metrics, command, env, last_step,  # pylint: disable=unused-import
+import test_resume
+from test_resume import (ROOT, assert_same_metrics, command, last_step,
                          read_metrics, run, wait_until)
+
+env = test_resume.env  # the subprocesses' environment (a fixture)
 
 needs_torch = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torch", "transformers")),
