@@ -31,6 +31,21 @@ def _layer(**kw):
   return shared_experts.SharedExpertsMoeLayer(M, H, rngs=nnx.Rngs(0), **args)
 
 
+def copy_deepseek_weights(theirs, ours):
+  """transformers' DeepSeek MoE block's weights into a SharedExpertsMoeLayer."""
+  t = {n: p.detach().numpy() for n, p in theirs.named_parameters()}
+  ours.router.kernel[...] = jnp.asarray(t["gate.weight"].T)
+  gate_up = t["experts.gate_up_proj"]  # [E, 2H, M]: gate rows, then up rows
+  h = gate_up.shape[1] // 2
+  ours.experts.wi_0[...] = jnp.asarray(gate_up[:, :h].transpose(0, 2, 1))
+  ours.experts.wi_1[...] = jnp.asarray(gate_up[:, h:].transpose(0, 2, 1))
+  ours.experts.wo[...] = jnp.asarray(t["experts.down_proj"].transpose(0, 2, 1))
+  shared = ours.shared_experts
+  shared.wi_0[...] = jnp.asarray(t["shared_experts.gate_proj.weight"].T)
+  shared.wi_1[...] = jnp.asarray(t["shared_experts.up_proj.weight"].T)
+  shared.wo[...] = jnp.asarray(t["shared_experts.down_proj.weight"].T)
+
+
 @needs_torch
 def test_equals_transformers_deepseek_moe_block():
   """DeepseekV2Moe (greedy softmax top-K, no renormalisation, shared experts
@@ -49,16 +64,7 @@ def test_equals_transformers_deepseek_moe_block():
     for p in theirs.parameters():
       p.normal_(0.0, 0.5)
   ours = _layer()
-  t = {n: p.detach().numpy() for n, p in theirs.named_parameters()}
-  ours.router.kernel[...] = jnp.asarray(t["gate.weight"].T)
-  gate_up = t["experts.gate_up_proj"]  # [E, 2H, M]: gate rows, then up rows
-  ours.experts.wi_0[...] = jnp.asarray(gate_up[:, :H].transpose(0, 2, 1))
-  ours.experts.wi_1[...] = jnp.asarray(gate_up[:, H:].transpose(0, 2, 1))
-  ours.experts.wo[...] = jnp.asarray(t["experts.down_proj"].transpose(0, 2, 1))
-  shared = ours.shared_experts
-  shared.wi_0[...] = jnp.asarray(t["shared_experts.gate_proj.weight"].T)
-  shared.wi_1[...] = jnp.asarray(t["shared_experts.up_proj.weight"].T)
-  shared.wo[...] = jnp.asarray(t["shared_experts.down_proj.weight"].T)
+  copy_deepseek_weights(theirs, ours)
   x = np.random.default_rng(0).normal(size=(2, 5, M)).astype(np.float32)
   with torch.no_grad():
     want = theirs(torch.tensor(x)).numpy()

@@ -18,6 +18,7 @@ from switchjax import moe
 from switchjax import shared_experts
 
 import test_resume
+from test_deepseek_moe import copy_deepseek_weights
 from test_resume import (ROOT, assert_same_metrics, command, last_step,
                          read_metrics, run, wait_until)
 
@@ -54,18 +55,9 @@ def test_equals_transformers_deepseek_v3_moe_block():
       score_func="sigmoid", normalize_weights=True, routed_scaling_factor=2.5,
       dispatch="dropless", group_size=0, activation="swiglu",
       num_shared_experts=1, deterministic=True, rngs=nnx.Rngs(0))
-  t = {n: p.detach().numpy() for n, p in theirs.named_parameters()}
-  ours.router.kernel[...] = jnp.asarray(t["gate.weight"].T)
+  copy_deepseek_weights(theirs, ours)
   bias = theirs.gate.e_score_correction_bias.numpy()
   getattr(ours.router, loss_free.BIAS)[...] = jnp.asarray(bias)
-  gate_up = t["experts.gate_up_proj"]  # [E, 2H, M]: gate rows, then up rows
-  ours.experts.wi_0[...] = jnp.asarray(gate_up[:, :H].transpose(0, 2, 1))
-  ours.experts.wi_1[...] = jnp.asarray(gate_up[:, H:].transpose(0, 2, 1))
-  ours.experts.wo[...] = jnp.asarray(t["experts.down_proj"].transpose(0, 2, 1))
-  s = ours.shared_experts
-  s.wi_0[...] = jnp.asarray(t["shared_experts.gate_proj.weight"].T)
-  s.wi_1[...] = jnp.asarray(t["shared_experts.up_proj.weight"].T)
-  s.wo[...] = jnp.asarray(t["shared_experts.down_proj.weight"].T)
   x = np.random.default_rng(0).normal(size=(2, 6, M)).astype(np.float32)
   with torch.no_grad():
     want = theirs(torch.tensor(x)).numpy()
