@@ -4,7 +4,7 @@ Notation: see `switchjax/__init__.py` (Q query length, T key length, N
 heads, D head dim, J key/value heads). Attention has no biases
 and no 1/sqrt(D) scaling of the logits: as in T5, the scaling is folded
 into the query initialisation instead (a converted Mistral/Mixtral query
-weight is multiplied by D^-0.5, see `switchjax.mixtral_convert`).
+weight is multiplied by D^-0.5, see `switchjax.mixtral_layout`).
 
 Positions come in two kinds (`model.position_embedding`): T5's learned
 relative bias added to the logits (`RelativePositionBias`), or rotary
