@@ -12,14 +12,17 @@ written `f32[G, S, E]`) and einsum strings:
   N  attention heads                 R  rows of a flattened matmul operand: the
   D  head dim (d_kv)                    G * C slots of one expert (expert_loop),
   V  vocabulary                         the G * S * K choices (dropless)
-                                     X  devices the 'expert' axes span
+  J  key/value heads (grouped-query) X  devices the 'expert' axes span
 
 Modules, top to bottom (each imports only modules below it):
 
   model            T5-style encoder-decoder / decoder-only, dense or MoE FFNs
+                   (attention: relative bias or RoPE, grouped-query, windows)
   soft_moe         Soft MoE: slots mixed from every token, no routing (encoders)
+  shared_experts   DeepSeekMoE: a MoeLayer plus always-on shared experts
   moe              Router and MoeLayer: route, dispatch, experts, combine
   hash_router      hash routing's fixed token-id -> expert table (no parameters)
+  loss_free        loss-free balancing: bias-corrected top-K, the bias's update
   experts          Experts (stacked [E, M, H] weights) and the dense MlpBlock
   expert_parallel  experts split over the mesh: GSPMD constraints, shard_map
   dropless         no-capacity grouped matmuls (ragged_dot)

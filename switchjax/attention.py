@@ -1,8 +1,18 @@
-"""T5-style attention: relative position buckets, masks, multi-head attention.
+"""Attention: T5's relative position buckets, rotary embeddings, masks, heads.
 
 Notation: see `switchjax/__init__.py` (Q query length, T key length, N
-heads, D head dim). Attention has no biases and no 1/sqrt(D) scaling of the logits: as in
-T5, the scaling is folded into the query initialisation instead.
+heads, D head dim, J key/value heads). Attention has no biases
+and no 1/sqrt(D) scaling of the logits: as in T5, the scaling is folded
+into the query initialisation instead (a converted Mistral/Mixtral query
+weight is multiplied by D^-0.5, see `switchjax.mixtral_layout`).
+
+Positions come in two kinds (`model.position_embedding`): T5's learned
+relative bias added to the logits (`RelativePositionBias`), or rotary
+embeddings applied to queries and keys (`rope`, Su et al. 2021, as Llama,
+Mistral and Mixtral). Grouped-query attention (`num_kv_heads` < num_heads,
+Ainslie et al. 2023) shares each key/value head among N / J query
+heads; sliding-window attention (`window_mask`) limits how far back a query
+sees.
 """
 from __future__ import annotations
 
@@ -101,6 +111,42 @@ class RelativePositionBias(nnx.Module):
     return jnp.transpose(bias, (0, 3, 1, 2))
 
 
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding of x [B, L, N, D] at positions i32[B|1, L].
+
+  The rotate-half layout of GPT-NeoX, Llama and Mistral: dims d and
+  d + D/2 form a pair rotated by the angle p * theta^(-2d/D). A query at p
+  and a key at p' then meet through a rotation by p - p' only. Computed in
+  float32, returned in x's dtype.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"rotary embeddings need an even head dim, got {d}")
+  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def window_mask(positions: jax.Array, key_positions: jax.Array, window: int,
+                *, causal: bool) -> jax.Array:
+  """Sliding-window attention (Mistral): bool[B|1, 1, Q, T] from positions
+  i32[B|1, Q] and key positions i32[B|1, T].
+
+  A query at p sees keys at p - window < p' (and, in a bidirectional stack,
+  p' < p + window): `window` positions counting its own. The causal part
+  stays `make_attention_mask`'s.
+  """
+  offset = positions[:, :, None] - key_positions[:, None, :]  # [B, Q, T]
+  inside = offset < window
+  if not causal:
+    inside &= offset > -window
+  return inside[:, None]
+
+
 def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array, *,
                         causal: bool = False,
                         query_segment_ids: Optional[jax.Array] = None,
@@ -124,25 +170,35 @@ def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array, *,
 
 
 class MultiHeadAttention(nnx.Module):
-  """T5 multi-head dot-product attention: no biases, no logit scaling.
+  """Multi-head dot-product attention: no biases, no logit scaling (T5).
 
-  Params (f32): query/key/value [M, N, D], out [N, D, M]. Inits are truncated
-  normal with std sqrt(init_scale / fan_in), the query's further scaled by
-  D^-0.5 (T5's folded 1/sqrt(D)): std sqrt(init_scale / (M * D)).
+  Params (f32): query [M, N, D], key/value [M, J, D] (J = num_kv_heads,
+  default N), out [N, D, M]. Inits are truncated normal with std
+  sqrt(init_scale / fan_in), the query's further scaled by D^-0.5 (T5's
+  folded 1/sqrt(D)): std sqrt(init_scale / (M * D)). `rope_theta` > 0
+  rotates queries and keys by their positions (`rope`); query head h reads
+  key/value head h // (N / J) (Hugging Face's `repeat_kv` order).
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *,
+               num_kv_heads: int = 0, rope_theta: float = 0.0,
                dropout_rate: float = 0.0, init_scale: float = 1.0,
                dtype=jnp.float32, rngs: nnx.Rngs):
+    num_kv_heads = num_kv_heads or num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                       f"num_kv_heads={num_kv_heads}")
     self.dtype = dtype
-    in_shape = (d_model, num_heads, head_dim)
+    self.rope_theta = rope_theta
+    self.kv_repeats = num_heads // num_kv_heads
     in_names = ("embed", "heads", "kv")
     self.query = make_param(
         truncated_normal_init(math.sqrt(init_scale / (d_model * head_dim))),
-        rngs, in_shape, in_names)
+        rngs, (d_model, num_heads, head_dim), in_names)
     kv_init = truncated_normal_init(math.sqrt(init_scale / d_model))
-    self.key = make_param(kv_init, rngs, in_shape, in_names)
-    self.value = make_param(kv_init, rngs, in_shape, in_names)
+    kv_shape = (d_model, num_kv_heads, head_dim)
+    self.key = make_param(kv_init, rngs, kv_shape, in_names)
+    self.value = make_param(kv_init, rngs, kv_shape, in_names)
     self.out = make_param(
         truncated_normal_init(math.sqrt(init_scale / (num_heads * head_dim))),
         rngs, (num_heads, head_dim, d_model), ("heads", "kv", "embed"))
@@ -153,12 +209,17 @@ class MultiHeadAttention(nnx.Module):
     self.cached_value = nnx.data(None)
     self.cache_index = nnx.data(None)
 
-  def _key_value(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[B, T, M] -> keys, values [B, T, N, D] in `dtype`."""
+  def _key_value(self, inputs_kv: jax.Array,
+                 positions: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """[B, T, M] -> keys, values [B, T, J, D] in `dtype`; keys rotated by
+    `positions` i32[B|1, T] when the layer uses rotary embeddings."""
     dt = self.dtype
     xkv = inputs_kv.astype(dt)
-    return (jnp.einsum("BTM,MND->BTND", xkv, self.key[...].astype(dt)),
-            jnp.einsum("BTM,MND->BTND", xkv, self.value[...].astype(dt)))
+    k = jnp.einsum("BTM,MJD->BTJD", xkv, self.key[...].astype(dt))
+    if self.rope_theta and positions is not None:
+      k = rope(k, positions, self.rope_theta)
+    return k, jnp.einsum("BTM,MJD->BTJD", xkv, self.value[...].astype(dt))
 
   def init_cache(self, batch: int, length: int) -> None:
     """Self-attention decoding: room for `length` keys and values per row.
@@ -183,28 +244,36 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array], *,
                mask: Optional[jax.Array] = None,
-               bias: Optional[jax.Array] = None) -> jax.Array:
+               bias: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
     """Attention of inputs_q [B, Q, M] over inputs_kv [B, T, M].
 
     mask: bool[B, 1|N, Q, T], False = may not attend.
     bias: f32[B|1, N, Q, T] added to the logits (relative positions).
+    positions: i32[B|1, Q] of the queries, for rotary embeddings; in
+      self-attention the new keys share them (cached keys keep theirs).
     With a cache, T is the cache's length (see `init_cache`, `cache_inputs`).
     Returns [B, Q, M] in `dtype`.
     """
     dt = self.dtype
     q = jnp.einsum("BQM,MND->BQND", inputs_q.astype(dt),
                    self.query[...].astype(dt))
+    if self.rope_theta and positions is not None:
+      q = rope(q, positions, self.rope_theta)
     if self.cached_key is None:
-      k, v = self._key_value(inputs_kv)
+      k, v = self._key_value(inputs_kv, positions)
     elif self.cache_index is None:
       k, v = self.cached_key[...], self.cached_value[...]
     else:
-      new_k, new_v = self._key_value(inputs_kv)
+      new_k, new_v = self._key_value(inputs_kv, positions)
       at = (0, self.cache_index[...], 0, 0)
       k = jax.lax.dynamic_update_slice(self.cached_key[...], new_k, at)
       v = jax.lax.dynamic_update_slice(self.cached_value[...], new_v, at)
       self.cached_key[...], self.cached_value[...] = k, v
       self.cache_index[...] += q.shape[1]
+    if self.kv_repeats > 1:  # grouped-query: head h reads kv head h // (N / J)
+      k = jnp.repeat(k, self.kv_repeats, axis=2)
+      v = jnp.repeat(v, self.kv_repeats, axis=2)
     # Logits and softmax in f32: bf16 logits lose the small bias differences.
     logits = jnp.einsum("BQND,BTND->BNQT", q, k,
                         preferred_element_type=jnp.float32)

@@ -22,14 +22,21 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_ff = 2048
   m.num_encoder_layers = 12
   m.num_decoder_layers = 12  # also the layer count of decoder_only
-  m.activation = "gated_gelu"  # "relu" (T5, Switch paper) or "gated_gelu" (T5.1.1)
+  m.activation = "gated_gelu"  # "relu" (T5, Switch paper), "gated_gelu" (T5.1.1), "swiglu" (Mixtral)
   m.dropout_rate = 0.1
   m.tie_embeddings = False  # T5.1.1 unties input embedding and output logits
   # The encoder has an input embedding of its own (transformers 5's Switch
   # with tie_word_embeddings=False); False: one for both stacks, as T5.
   m.separate_encoder_embedding = False
+  # Positions: T5's learned relative bias ("relative", the two keys below)
+  # or rotary embeddings ("rope": Llama, Mistral, Mixtral) with base rope_theta.
+  m.position_embedding = "relative"
   m.relative_attention_num_buckets = 32
   m.relative_attention_max_distance = 128
+  m.rope_theta = 10000.0
+  m.num_kv_heads = 0  # key/value heads; 0 = num_heads, fewer = grouped-query attention
+  m.attention_window = 0  # sliding-window attention over this many positions; 0 = all
+  m.norm_epsilon = 1e-6  # RMSNorm's (T5 1e-6, Mixtral 1e-5)
   m.dtype = "bfloat16"  # activations / matmuls; params are always float32
   m.init_scale = 1.0  # Switch §2.4 uses 0.1 for every weight
   m.remat = "none"  # "none" | "full" | "experts": jax.checkpoint policy per block
@@ -42,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   # sparse_offset; -1 = sparse_every - 1 (the papers': 1, 3, 5, ... for N=2).
   # Hugging Face's Switch puts it at 1 (layers 1, 5, 9 for N=4): README.
   e.sparse_offset = -1
-  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk | soft | hash
+  e.router = "switch"  # switch | gshard | expert_choice | topk | noisy_topk | soft | hash | loss_free
   e.encoder_router = ""  # "" = same as `router`; e.g. expert_choice in the encoder
   e.decoder_router = ""
   e.num_selected = 1  # K for topk / noisy_topk (switch: 1, gshard: 2)
@@ -67,6 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_prioritized = False  # V-MoE BPR: claim slots in order of top gate
   e.expert_dropout = 0.0  # dropout inside experts (Switch: 0.4 when fine-tuning)
   e.d_ff = -1  # expert hidden dim; -1 = model.d_ff (FLOP-matched to the dense FFN)
+  # DeepSeekMoE (Dai et al. 2024, switchjax/shared_experts.py): granularity m
+  # splits each expert into m of width d_ff / m and chooses m x K of the
+  # m x E; num_shared_experts of those m x K are always on (every token, no
+  # router), so m x K - num_shared_experts are routed: equal compute.
+  e.expert_granularity = 1
+  e.num_shared_experts = 0
+  e.first_dense_layers = 0  # the first N layers of every stack stay dense
+  # router "loss_free" (switchjax/loss_free.py, DeepSeek-V3): scores, the
+  # bias step after each optimizer step, and the combine weights' factor.
+  e.score_func = "sigmoid"  # or "softmax"
+  e.bias_update_rate = 0.001
+  e.routed_scaling_factor = 1.0
   # switchjax/dispatch.py: "gather" (gather/scatter, never a [G, S, E, C]
   # tensor; "fast" is its old name, still accepted) | "einsum" (GShard's
   # one-hot reference) | "dropless" (no capacity, grouped matmuls; GPU/TPU).

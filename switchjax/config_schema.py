@@ -22,6 +22,7 @@ from switchjax import expert_parallel
 from switchjax import experts
 from switchjax import faults
 from switchjax import ffn
+from switchjax import loss_free
 from switchjax import model
 from switchjax import moe
 from switchjax import optim
@@ -185,8 +186,14 @@ SCHEMA: dict[str, Spec] = {
     "model.separate_encoder_embedding": BOOL,  # encoder_decoder only
     # attention.relative_position_bucket: see _check_model for how the two go
     # together (exact buckets must exist and max_distance lie beyond them).
+    "model.position_embedding": Choice(model.POSITION_EMBEDDINGS),
     "model.relative_attention_num_buckets": Int(2),
     "model.relative_attention_max_distance": Int(2),
+    "model.rope_theta": POSITIVE,
+    # divides num_heads: _check_model
+    "model.num_kv_heads": Int(1, special=(0,), special_doc="model.num_heads"),
+    "model.attention_window": Int(1, special=(0,), special_doc="no window"),
+    "model.norm_epsilon": POSITIVE,
     "model.dtype": Choice(model.DTYPES),
     "model.init_scale": POSITIVE,
     "model.remat": Choice(model.REMATS),
@@ -215,6 +222,12 @@ SCHEMA: dict[str, Spec] = {
     "moe.batch_prioritized": BOOL,
     "moe.expert_dropout": RATE,
     "moe.d_ff": Int(1, special=(-1,), special_doc="model.d_ff"),
+    "moe.expert_granularity": Int(1),  # divides the expert d_ff: _check_moe
+    "moe.num_shared_experts": Int(0),  # < m x K: _check_moe
+    "moe.first_dense_layers": Int(0),
+    "moe.score_func": Choice(loss_free.SCORE_FUNCS),
+    "moe.bias_update_rate": Float(0.0),
+    "moe.routed_scaling_factor": POSITIVE,
     "moe.dispatch": Choice(dispatch.DISPATCHES, special=tuple(dispatch.ALIASES),
                            special_doc="the old name of 'gather'"),
     "moe.expert_impl": Choice(experts.EXPERT_IMPLS),

@@ -24,6 +24,7 @@ from typing import Mapping
 
 import ml_collections
 
+from switchjax import ffn
 from switchjax import model as model_lib
 from switchjax import routing
 
@@ -68,7 +69,7 @@ def _moe_shape(config, stack: str, length: int) -> tuple[int, int, int, int]:
   """(S, E, C, K) of a stack's MoE layers in training (moe.MoeLayer.capacity)."""
   e = config.moe
   router = model_lib.stack_router(e, stack)
-  k = routing.experts_per_token(router, e.num_selected)
+  num_experts, k = model_lib.routed_shape(e, router)
   tokens = config.train.batch_size * length
   s = min(e.group_size or length, tokens)
   if e.dispatch == "dropless":
@@ -76,29 +77,31 @@ def _moe_shape(config, stack: str, length: int) -> tuple[int, int, int, int]:
   elif e.expert_capacity > 0:
     c = min(e.expert_capacity, s)
   else:
-    c = min(routing.expert_capacity(s, e.num_experts, e.train_capacity_factor,
+    c = min(routing.expert_capacity(s, num_experts, e.train_capacity_factor,
                                     num_selected=k, min_capacity=e.min_capacity),
             s)
-  return s, e.num_experts, c, k
+  return s, num_experts, c, k
 
 
 def _ffn_mats(config) -> int:
   """Weight matrices of an FFN: wi (wi_0 and wi_1 when gated) and wo."""
-  return 3 if config.model.activation.startswith("gated") else 2
+  return 3 if config.model.activation in ffn.GATED else 2
 
 
 def _expert_d_ff(config) -> int:
-  return config.moe.d_ff if config.moe.d_ff > 0 else config.model.d_ff
+  return model_lib.expert_d_ff(config)
 
 
 def _experts_per_token(config, layer: Layer, slots: bool) -> float:
-  """Expert FFNs a token's compute pays for: K, or every slot (E * C / S)."""
+  """Expert FFNs a token's compute pays for: K, or every slot (E * C / S),
+  and the always-on shared experts (DeepSeekMoE)."""
   s, e, c, k = layer.moe
   if slots:
-    return e * c / s
+    return e * c / s + config.moe.num_shared_experts
   router = model_lib.stack_router(config.moe, layer.stack)
   # Expert choice: each expert takes cf * S / E tokens, cf per token on average.
-  return config.moe.train_capacity_factor if router == "expert_choice" else k
+  return (config.moe.train_capacity_factor if router == "expert_choice"
+          else k) + config.moe.num_shared_experts
 
 
 def forward_flops_per_sequence(config: ml_collections.ConfigDict, *,
@@ -111,18 +114,20 @@ def forward_flops_per_sequence(config: ml_collections.ConfigDict, *,
   """
   m = config.model
   inner = m.num_heads * m.head_dim
-  proj = 4 * 2 * m.d_model * inner  # q, k, v, o of one token
+  kv_inner = (m.num_kv_heads or m.num_heads) * m.head_dim  # grouped-query
+  proj = 2 * 2 * m.d_model * (inner + kv_inner)  # q, o and k, v of one token
   dense_ffn = _ffn_mats(config) * 2 * m.d_model * m.d_ff
   expert_ffn = _ffn_mats(config) * 2 * m.d_model * _expert_d_ff(config)
   parts = dict.fromkeys(
       ("attention", "scores", "ffn", "experts", "router", "logits"), 0.0)
   for layer in layers(config):
     n = layer.length
+    keys = min(n, m.attention_window) if m.attention_window else n
     parts["attention"] += n * proj
-    parts["scores"] += n * 2 * 2 * n * inner
+    parts["scores"] += n * 2 * 2 * keys * inner
     if layer.cross:
       # q, o on the decoder's tokens, k, v on the encoder's.
-      parts["attention"] += 2 * 2 * m.d_model * inner * (n + layer.cross)
+      parts["attention"] += 2 * 2 * m.d_model * (inner * n + kv_inner * layer.cross)
       parts["scores"] += n * 2 * 2 * layer.cross * inner
     if layer.moe is None:
       parts["ffn"] += n * dense_ffn
@@ -176,6 +181,7 @@ def _layer_bytes(config, layer: Layer, shards: Shards) -> tuple[float, float]:
   drop = m.dropout_rate > 0
   heads = _split(m.num_heads, shards.model)
   inner = heads * m.head_dim
+  kv_inner = _split(m.num_kv_heads or m.num_heads, shards.model) * m.head_dim
 
   def attention(keys: int) -> float:
     # softmax output (f32), its cast, and with dropout the mask and the
@@ -184,11 +190,11 @@ def _layer_bytes(config, layer: Layer, shards: Shards) -> tuple[float, float]:
     return probs + inner * a + (m.d_model * _MASK if drop else 0)
 
   # Residual input and normed input, q, k, v.
-  kept = 2 * m.d_model * a + 3 * inner * a + attention(layer.length)
+  kept = 2 * m.d_model * a + (inner + 2 * kv_inner) * a + attention(layer.length)
   if layer.cross:
     # Normed input, q; k and v of every encoder token, per decoder token.
     kept += (2 * m.d_model * a + inner * a + attention(layer.cross)
-             + 2 * inner * a * layer.cross / layer.length)
+             + 2 * kv_inner * a * layer.cross / layer.length)
   gated = _ffn_mats(config) == 3
   kept += 2 * m.d_model * a  # the FFN's residual and normed inputs
   if layer.moe is None:
@@ -196,7 +202,8 @@ def _layer_bytes(config, layer: Layer, shards: Shards) -> tuple[float, float]:
     kept += hidden * a * (3 if gated else 2) + (hidden * (_MASK + a) if drop else 0)
     return kept + (m.d_model * _MASK if drop else 0), 0.0
   s, e, c, _ = layer.moe
-  slots = e * c / s  # buffer slots per token
+  # buffer slots per token, and the shared experts' rows (no buffer, same cost)
+  slots = e * c / s + config.moe.num_shared_experts
   hidden = _split(_expert_d_ff(config), shards.model)
   expert_drop = config.moe.expert_dropout > 0
   # Router logits and probabilities (f32), the dispatched buffers, the experts'

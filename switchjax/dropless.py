@@ -62,7 +62,7 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, wi: tuple[jax.Array, ...],
   Args:
     x: [R, M] rows sorted by expert.
     group_sizes: i32[E] rows per expert (rows past their sum give zeros).
-    wi: ([E, M, H],) or, for 'gated_gelu', ([E, M, H], [E, M, H]).
+    wi: ([E, M, H],) or, for a gated activation, ([E, M, H], [E, M, H]).
     wo: [E, H, M].
     activation: one of ffn.ACTIVATIONS.
     dropout_mask: [R, H] or None, multiplies the hidden activations.

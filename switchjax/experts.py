@@ -49,7 +49,7 @@ def _loop_by_default() -> bool:
 class Experts(nnx.Module):
   """E feed-forward networks with stacked weights, applied to dispatched buffers.
 
-  wi: f32[E, M, H] (wi_0 and wi_1 for 'gated_gelu'), wo: f32[E, H, M]. Computes
+  wi: f32[E, M, H] (wi_0 and wi_1 for a gated activation), wo: f32[E, H, M]. Computes
   in `dtype`; params stay float32. `dropout` is expert dropout on the hidden
   activations (Switch uses 0.4 when fine-tuning), training only. `impl`, one
   of EXPERT_IMPLS, picks how the same function is computed: one batched
@@ -118,7 +118,7 @@ class Experts(nnx.Module):
 class MlpBlock(nnx.Module):
   """Dense feed-forward block, FLOP-matched to a K=1 MoE layer of equal H.
 
-  wi: f32[M, H] (wi_0 and wi_1 for 'gated_gelu'), wo: f32[H, M]; same
+  wi: f32[M, H] (wi_0 and wi_1 for a gated activation), wo: f32[H, M]; same
   activations and init as `Experts`; `dropout` on the hidden activations.
   """
 

@@ -5,6 +5,8 @@ The dense FFN (`experts.MlpBlock`), the batched and per-expert loop paths
 and the shard_map expert-parallel path (`expert_parallel`) all compute
 
     y = dropout(act(x wi)) wo        act: relu, or gelu(x wi_0) * (x wi_1)
+                                     (T5.1.1), or silu(x wi_0) * (x wi_1)
+                                     (SwiGLU: Llama, Mixtral)
 
 with the functions below, so the activation and the expert-dropout draw are
 written once. Weights are float32 params; `pre`/`hidden` run in the compute
@@ -18,12 +20,14 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = ("relu", "gated_gelu")
+ACTIVATIONS = ("relu", "gated_gelu", "swiglu")
+# Gated activations: act(x wi_0) * (x wi_1), two input weights.
+GATED = ("gated_gelu", "swiglu")
 
 
 def wi_names(activation: str) -> tuple[str, ...]:
   """Input-weight names: ('wi',), or ('wi_0', 'wi_1') for a gated activation."""
-  return ("wi_0", "wi_1") if activation == "gated_gelu" else ("wi",)
+  return ("wi_0", "wi_1") if activation in GATED else ("wi",)
 
 
 def init(init_scale: float):
@@ -70,10 +74,13 @@ def weights(module: nnx.Module, activation: str
 def activate(pre: tuple[jax.Array, ...], activation: str) -> jax.Array:
   """Pre-activations (x wi,) or (x wi_0, x wi_1) -> hidden activations.
 
-  T5.1.1's gated GELU is gelu(x wi_0) * (x wi_1), tanh-approximate as in T5X.
+  T5.1.1's gated GELU is gelu(x wi_0) * (x wi_1), tanh-approximate as in T5X;
+  SwiGLU (Shazeer 2020) is silu(x wi_0) * (x wi_1), Mixtral's w1 and w3.
   """
   if activation == "gated_gelu":
     return jax.nn.gelu(pre[0], approximate=True) * pre[1]
+  if activation == "swiglu":
+    return jax.nn.silu(pre[0]) * pre[1]
   return jax.nn.relu(pre[0])
 
 

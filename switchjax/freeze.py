@@ -4,7 +4,8 @@ The fine-tuning recipes of the MoE literature: train only the experts
 (freeze `non_experts`) or freeze the MoE layers and train the rest (`moe`,
 ST-MoE §5: nearly as good, cheaper). `train.freeze` is one of
 
-  experts      every expert weight (.../mlp/experts/...)
+  experts      every expert weight (.../mlp/experts/..., and DeepSeekMoE's
+               .../mlp/shared_experts/...)
   router       every router kernel (.../mlp/router/...)
   moe          experts and routers
   non_experts  everything but experts and routers
@@ -25,9 +26,9 @@ from typing import Any
 import jax
 import optax
 
-MOE = r"/mlp/(experts|router)/"
+MOE = r"/mlp/(experts|shared_experts|router)/"
 RECIPES = {
-    "experts": r"/mlp/experts/",
+    "experts": r"/mlp/(shared_)?experts/",
     "router": r"/mlp/router/",
     "moe": MOE,
 }

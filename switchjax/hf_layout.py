@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from switchjax import config_base
+from switchjax import ffn
 from switchjax import model as model_lib
 
 SWITCH = "SwitchTransformersForConditionalGeneration"
@@ -164,6 +165,18 @@ def hf_config(config: ml_collections.ConfigDict, base: Optional[dict] = None,
   m, e = config.model, config.moe
   _refuse_unless(m.arch == "encoder_decoder", "model.arch", m.arch,
                  "Hugging Face's T5 and Switch classes are encoder-decoders")
+  for key, ok, why in (
+      ("position_embedding", m.position_embedding == "relative",
+       "T5 has relative position buckets, not rotary embeddings"),
+      ("num_kv_heads", m.num_kv_heads in (0, m.num_heads),
+       "T5 has one key/value head per query head"),
+      ("attention_window", m.attention_window == 0,
+       "T5 attends over the whole sequence"),
+      ("norm_epsilon", m.norm_epsilon == LAYER_NORM_EPSILON,
+       f"T5's RMSNorm epsilon is {LAYER_NORM_EPSILON}"),
+      ("activation", m.activation in ("relu", "gated_gelu"),
+       "T5 has relu or gated-gelu feed-forwards")):
+    _refuse_unless(ok, f"model.{key}", m[key], why)
   sparse = e.num_experts > 0
   arch = SWITCH if sparse else T5
   hf = dict(base or {})
@@ -259,7 +272,7 @@ def _attention(path: tuple, prefix: str) -> Iterator[Tensor]:
 
 
 def _ffn(path: tuple, prefix: str, activation: str) -> Iterator[Tensor]:
-  for name in ("wi_0", "wi_1") if activation == "gated_gelu" else ("wi",):
+  for name in ffn.wi_names(activation):
     yield Tensor(path + (name,), (f"{prefix}.{name}.weight",), "linear")
   yield Tensor(path + ("wo",), (f"{prefix}.wo.weight",), "linear")
 

@@ -3,10 +3,17 @@
 Notation: see `switchjax/__init__.py` (Li, Lt: encoder and decoder lengths).
 Pre-norm layers (T5's RMS LayerNorm: scale only), relative position
 biases shared across a stack's layers, dropout on the embeddings, after every
-sublayer and after the final norm. Layer i (0-based) of a stack has an MoE
+sublayer and after the final norm. The same layers make Mistral/Mixtral-style
+blocks from config values alone: rotary positions instead of the bias
+(`model.position_embedding='rope'`, `model.rope_theta`), grouped-query
+attention (`model.num_kv_heads`), sliding-window attention
+(`model.attention_window`), SwiGLU FFNs and experts
+(`model.activation='swiglu'`) and the norm's epsilon (`model.norm_epsilon`);
+experiments/mixtral.py. Layer i (0-based) of a stack has an MoE
 FFN iff moe.num_experts > 0 and i % sparse_every == sparse_every - 1, so
 Switch's sparse_every=2 makes layers 1, 3, 5, ... sparse; moe.sparse_offset
-moves which layer of every sparse_every is sparse (Hugging Face's layout).
+moves which layer of every sparse_every is sparse (Hugging Face's layout),
+and moe.first_dense_layers keeps the first layers dense (DeepSeekMoE).
 
 Params are float32; activations and matmuls run in model.dtype and the
 logits come out in float32.
@@ -27,9 +34,11 @@ from switchjax import experts as experts_lib
 from switchjax import moe as moe_lib
 from switchjax import partitioning
 from switchjax import routing as routing_lib
+from switchjax import shared_experts
 from switchjax import soft_moe
 
 ARCHS = ("encoder_decoder", "decoder_only")
+POSITION_EMBEDDINGS = ("relative", "rope")
 REMATS = ("none", "full", "experts")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -61,22 +70,42 @@ def to_dtype(name: str) -> Any:
 
 
 def is_sparse_layer(index: int, num_experts: int, sparse_every: int,
-                    sparse_offset: int = -1) -> bool:
+                    sparse_offset: int = -1, first_dense: int = 0) -> bool:
   """Whether layer `index` (0-based) of a stack gets an MoE FFN.
 
-  Layer i is sparse iff i % sparse_every == sparse_offset; offset -1 means
-  sparse_every - 1 (the last layer of every sparse_every).
+  Layer i is sparse iff i >= first_dense and i % sparse_every ==
+  sparse_offset; offset -1 means sparse_every - 1 (the last layer of every
+  sparse_every).
   """
   offset = sparse_every - 1 if sparse_offset < 0 else sparse_offset
-  return num_experts > 0 and index % sparse_every == offset
+  return (num_experts > 0 and index >= first_dense
+          and index % sparse_every == offset)
 
 
 def sparse_layers(moe_config: ml_collections.ConfigDict,
                   num_layers: int) -> list[bool]:
   """Per layer of a stack of `num_layers`: whether it gets an MoE FFN."""
   e = moe_config
-  return [is_sparse_layer(i, e.num_experts, e.sparse_every, e.sparse_offset)
+  return [is_sparse_layer(i, e.num_experts, e.sparse_every, e.sparse_offset,
+                          e.first_dense_layers)
           for i in range(num_layers)]
+
+
+def expert_d_ff(config: ml_collections.ConfigDict) -> int:
+  """H of each expert: moe.d_ff (default model.d_ff) / moe.expert_granularity."""
+  d_ff = config.moe.d_ff if config.moe.d_ff > 0 else config.model.d_ff
+  return d_ff // config.moe.expert_granularity
+
+
+def routed_shape(moe_config: ml_collections.ConfigDict,
+                 router: str) -> tuple[int, int]:
+  """(E, K) of a layer's routed experts: moe.num_experts and the router's K,
+  times moe.expert_granularity m; the always-on shared experts count
+  against the m x K chosen (DeepSeekMoE keeps the compute of top-K)."""
+  e = moe_config
+  m = e.expert_granularity
+  k = routing_lib.experts_per_token(router, e.num_selected)
+  return m * e.num_experts, m * k - e.num_shared_experts
 
 
 def stack_router(moe_config: ml_collections.ConfigDict, stack: str) -> str:
@@ -110,8 +139,11 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
         router_init_std=e.router_init_std, expert_parallel=e.expert_parallel,
         expert_impl=e.expert_impl, init_scale=m.init_scale,
         dtype=to_dtype(m.dtype))
+  num_experts, num_selected = routed_shape(e, router)
+  extra = ({"num_shared_experts": e.num_shared_experts}
+           if e.num_shared_experts else {})
   return dict(
-      num_experts=e.num_experts, router=router, num_selected=e.num_selected,
+      num_experts=num_experts, router=router, num_selected=num_selected,
       train_capacity_factor=e.train_capacity_factor,
       eval_capacity_factor=e.eval_capacity_factor,
       min_capacity=e.min_capacity, group_size=e.group_size,
@@ -124,7 +156,17 @@ def moe_layer_kwargs(config: ml_collections.ConfigDict, stack: str) -> dict:
       batch_prioritized=e.batch_prioritized, dispatch=e.dispatch,
       expert_parallel=e.expert_parallel, expert_impl=e.expert_impl,
       init_scale=m.init_scale, dtype=to_dtype(m.dtype),
-      vocab_size=m.vocab_size)
+      vocab_size=m.vocab_size, score_func=e.score_func,
+      routed_scaling_factor=e.routed_scaling_factor, **extra)
+
+
+def rms_norm(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """The pre-sublayer and final norm: RMS, scale only (T5, Mixtral)."""
+  m = config.model
+  return nnx.RMSNorm(m.d_model, epsilon=m.norm_epsilon, dtype=to_dtype(m.dtype),
+                     scale_metadata={"out_sharding": ("embed",),
+                                     "eager_sharding": False},
+                     rngs=rngs)
 
 
 def _remat_call(module: nnx.Module, *args):
@@ -140,29 +182,29 @@ class TransformerLayer(nnx.Module):
     m = config.model
     dtype = to_dtype(m.dtype)
 
-    def norm():
-      return nnx.RMSNorm(m.d_model, epsilon=1e-6, dtype=dtype,
-                         scale_metadata={"out_sharding": ("embed",),
-                                         "eager_sharding": False},
-                         rngs=rngs)
-
-    def attn():
+    def attn(rope_theta: float = 0.0):
       return attention.MultiHeadAttention(
-          m.d_model, m.num_heads, m.head_dim, dropout_rate=m.dropout_rate,
+          m.d_model, m.num_heads, m.head_dim, num_kv_heads=m.num_kv_heads,
+          rope_theta=rope_theta, dropout_rate=m.dropout_rate,
           init_scale=m.init_scale, dtype=dtype, rngs=rngs)
 
-    self.pre_self_attention_norm = norm()
-    self.self_attention = attn()
-    self.pre_cross_attention_norm = norm() if cross_attention else None
+    self.pre_self_attention_norm = rms_norm(config, rngs)
+    # Rotary positions rotate self-attention only: cross-attention keys are
+    # the encoder's outputs, positioned by the encoder itself.
+    self.self_attention = attn(
+        m.rope_theta if m.position_embedding == "rope" else 0.0)
+    self.pre_cross_attention_norm = (rms_norm(config, rngs) if cross_attention
+                                     else None)
     self.cross_attention = attn() if cross_attention else None
-    self.pre_mlp_norm = norm()
+    self.pre_mlp_norm = rms_norm(config, rngs)
     self.sparse = moe_kwargs is not None
     if self.sparse:
-      d_ff = config.moe.d_ff if config.moe.d_ff > 0 else m.d_ff
-      # moe_layer_kwargs gives router 'soft' a SoftMoeLayer's arguments.
+      # moe_layer_kwargs gives router 'soft' a SoftMoeLayer's arguments, and
+      # shared experts a SharedExpertsMoeLayer's.
       cls = (soft_moe.SoftMoeLayer if "slots_per_expert" in moe_kwargs
-             else moe_lib.MoeLayer)
-      self.mlp = cls(m.d_model, d_ff, rngs=rngs, **moe_kwargs)
+             else shared_experts.SharedExpertsMoeLayer
+             if "num_shared_experts" in moe_kwargs else moe_lib.MoeLayer)
+      self.mlp = cls(m.d_model, expert_d_ff(config), rngs=rngs, **moe_kwargs)
     else:
       self.mlp = experts_lib.MlpBlock(
           m.d_model, m.d_ff, activation=m.activation, dropout=m.dropout_rate,
@@ -170,19 +212,22 @@ class TransformerLayer(nnx.Module):
     self.remat_mlp = self.sparse and m.remat == "experts"
     self.dropout = attention.dropout(m.dropout_rate, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array,
+  def __call__(self, x: jax.Array, mask: jax.Array, bias: Optional[jax.Array],
                encoded: Optional[jax.Array] = None,
                cross_mask: Optional[jax.Array] = None,
-               token_ids: Optional[jax.Array] = None
+               token_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None
                ) -> tuple[jax.Array, Optional[moe_lib.MoeOutput]]:
     """x [B, L, M] -> ([B, L, M], MoeOutput or None).
 
-    mask bool[B, 1, L, L], bias f32[B|1, N, L, L] for self-attention;
+    mask bool[B, 1, L, L], bias f32[B|1, N, L, L] (None with rotary
+    positions) and positions i32[B|1, L] (rotary) for self-attention;
     encoded [B, Li, M] and cross_mask bool[B, 1, L, Li] for cross-attention;
     token_ids i32[B, L], the inputs' ids (what hash routing reads).
     """
     h = self.pre_self_attention_norm(x)
-    x = x + self.dropout(self.self_attention(h, h, mask=mask, bias=bias))
+    x = x + self.dropout(self.self_attention(h, h, mask=mask, bias=bias,
+                                             positions=positions))
     if self.cross_attention is not None:
       h = self.pre_cross_attention_norm(x)
       x = x + self.dropout(self.cross_attention(h, encoded, mask=cross_mask))
@@ -204,10 +249,12 @@ class Stack(nnx.Module):
     m, e = config.model, config.moe
     self.causal = causal
     self.remat = m.remat == "full"
+    self.attention_window = m.attention_window
     self.relative_position_bias = attention.RelativePositionBias(
         m.relative_attention_num_buckets, m.num_heads,
         m.relative_attention_max_distance, bidirectional=not causal,
-        init_scale=m.init_scale, rngs=rngs)
+        init_scale=m.init_scale, rngs=rngs
+    ) if m.position_embedding == "relative" else None
     sparse = sparse_layers(e, num_layers)
     kwargs = moe_layer_kwargs(config, name) if any(sparse) else None
     self.layers = nnx.List([
@@ -216,10 +263,7 @@ class Stack(nnx.Module):
         for s in sparse])
     self.moe_layer_names = tuple(
         f"{name}/layer_{i}" for i, s in enumerate(sparse) if s)
-    self.final_norm = nnx.RMSNorm(
-        m.d_model, epsilon=1e-6, dtype=to_dtype(m.dtype),
-        scale_metadata={"out_sharding": ("embed",), "eager_sharding": False},
-        rngs=rngs)
+    self.final_norm = rms_norm(config, rngs)
     self.dropout = attention.dropout(m.dropout_rate, rngs)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array,
@@ -232,7 +276,8 @@ class Stack(nnx.Module):
     """Embedded inputs x [B, L, M] -> (normed outputs [B, L, M], MoE outputs).
 
     token_ids: i32[B, L] the ids x embeds (for hash routing).
-    positions: i32[B|1, L] for the relative position bias (default 0..L-1).
+    positions: i32[B|1, L] for the relative position bias, rotary
+      embeddings and the attention window (default 0..L-1).
     key_positions: i32[B|1, T] of the keys (default `positions`); decoding
       with a cache of T entries passes them (`switchjax.decoding`).
     """
@@ -240,11 +285,16 @@ class Stack(nnx.Module):
       positions = jnp.arange(x.shape[1])[None]
     if key_positions is None:
       key_positions = positions
-    bias = self.relative_position_bias(positions, key_positions)
+    bias = (None if self.relative_position_bias is None
+            else self.relative_position_bias(positions, key_positions))
+    if self.attention_window:
+      mask = mask & attention.window_mask(positions, key_positions,
+                                          self.attention_window,
+                                          causal=self.causal)
     x = self.dropout(x)
     moe_outputs = []
     for layer in self.layers:
-      args = (x, mask, bias, encoded, cross_mask, token_ids)
+      args = (x, mask, bias, encoded, cross_mask, token_ids, positions)
       x, moe_out = _remat_call(layer, *args) if self.remat else layer(*args)
       if moe_out is not None:
         moe_outputs.append(moe_out)

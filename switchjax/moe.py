@@ -27,6 +27,7 @@ from switchjax import expert_parallel as expert_parallel_lib
 from switchjax import experts as experts_lib
 from switchjax import ffn
 from switchjax import hash_router
+from switchjax import loss_free
 from switchjax import partitioning
 from switchjax import routing as routing_lib
 
@@ -58,13 +59,15 @@ class Router(nnx.Module):
   logits x W_noise of Shazeer et al. 2017, which `routing.noisy_topk` turns into
   H = x W + N(0, 1) * softplus(x W_noise). Both kernels start from
   normal(init_std) (Shazeer starts them at zero; a zero router kernel makes
-  every token tie, so we keep the Switch init for both).
+  every token tie, so we keep the Switch init for both). `balance_bias=True`
+  adds loss-free balancing's bias f32[E], zeros at init
+  (switchjax/loss_free.py).
   """
 
   def __init__(self, d_model: int, num_experts: int, *, noisy: bool = False,
                jitter: float = 0.0, dtype: Any = jnp.float32,
                init_std: float = 0.02, deterministic: bool = False,
-               rngs: nnx.Rngs):
+               balance_bias: bool = False, rngs: nnx.Rngs):
     if not 0.0 <= jitter < 1.0:
       raise ValueError(f"router jitter must be in [0, 1), got {jitter}.")
     init = jax.nn.initializers.normal(stddev=init_std)
@@ -74,6 +77,9 @@ class Router(nnx.Module):
     self.noise_kernel = (
         ffn.param(init(rngs.params(), (d_model, num_experts), jnp.float32), names)
         if noisy else None)
+    if balance_bias:  # an attribute only when used: other routers' state is unchanged
+      setattr(self, loss_free.BIAS,
+              ffn.param(jnp.zeros((num_experts,), jnp.float32), ("unmodeled",)))
     self.jitter = jitter
     self.dtype = dtype
     self.deterministic = deterministic
@@ -143,6 +149,8 @@ class MoeLayer(nnx.Module):
     dtype: the experts' compute dtype (params are float32).
     deterministic: eval mode.
     vocab_size: V, for router 'hash' (its table maps every id to an expert).
+    score_func, routed_scaling_factor: router 'loss_free''s scores
+      ('sigmoid' or 'softmax') and the factor on its combine weights.
     rngs: 'params' for the init, 'dropout' / 'router' streams.
   """
 
@@ -159,7 +167,8 @@ class MoeLayer(nnx.Module):
                dispatch: str = "gather", expert_parallel: str = "gspmd",
                expert_impl: str = "auto", init_scale: float = 0.1,
                dtype: Any = jnp.float32, deterministic: bool = False,
-               vocab_size: int = 0, rngs: nnx.Rngs):
+               vocab_size: int = 0, score_func: str = "sigmoid",
+               routed_scaling_factor: float = 1.0, rngs: nnx.Rngs):
     dispatch = dispatch_lib.canonical(dispatch)
     experts_lib.check_choice("router", router, routing_lib.ROUTERS)
     if router == "soft":
@@ -202,6 +211,8 @@ class MoeLayer(nnx.Module):
     self.expert_parallel = expert_parallel
     self.dtype = dtype
     self.deterministic = deterministic
+    self.score_func = score_func
+    self.routed_scaling_factor = routed_scaling_factor
 
     self.router = (
         hash_router.HashRouter(vocab_size, num_experts)
@@ -209,7 +220,7 @@ class MoeLayer(nnx.Module):
         Router(d_model, num_experts, noisy=router == "noisy_topk",
                jitter=router_jitter, dtype=router_dtype,
                init_std=router_init_std, deterministic=deterministic,
-               rngs=rngs))
+               balance_bias=router == loss_free.ROUTER, rngs=rngs))
     self.experts = experts_lib.Experts(
         num_experts, d_model, d_ff, activation=activation,
         dropout=expert_dropout, init_scale=init_scale, dtype=dtype,
@@ -249,6 +260,12 @@ class MoeLayer(nnx.Module):
                                    self.capacity(x.shape[1])), None
     deterministic = self.deterministic
     logits, noise_logits = self.router(x, deterministic=deterministic)
+    if self.router_name == loss_free.ROUTER:
+      return loss_free.topk(
+          logits, getattr(self.router, loss_free.BIAS)[...],
+          self.capacity(x.shape[1]), self.num_selected,
+          score_func=self.score_func, normalize_weights=self.normalize_weights,
+          scaling=self.routed_scaling_factor), logits
     policy = self.second_expert_policy
     rng = None
     if not deterministic and self.rngs is not None:

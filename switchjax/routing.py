@@ -158,7 +158,7 @@ def _positions_in_expert(expert_ids: jax.Array, num_experts: int) -> jax.Array:
       order, pos_sorted)
 
 
-def _switch_aux_loss(probs: jax.Array, chosen: jax.Array) -> jax.Array:
+def switch_aux_loss(probs: jax.Array, chosen: jax.Array) -> jax.Array:
   """E * sum_e f_e * P_e, averaged over groups (Switch eq. 4-6).
 
   Args:
@@ -195,10 +195,10 @@ def _metrics(probs: jax.Array, token_index: jax.Array) -> RouterMetrics:
       router_entropy=entropy)
 
 
-def _token_choice_routing(probs: jax.Array, expert_index: jax.Array,
-                          weights: jax.Array, valid: jax.Array, capacity: int,
-                          aux_loss: jax.Array,
-                          priority: Optional[jax.Array] = None) -> Routing:
+def token_choice_routing(probs: jax.Array, expert_index: jax.Array,
+                         weights: jax.Array, valid: jax.Array, capacity: int,
+                         aux_loss: jax.Array,
+                         priority: Optional[jax.Array] = None) -> Routing:
   """Gives slots to token choices, first choices before second choices.
 
   Args:
@@ -276,9 +276,9 @@ def switch_top1(logits: jax.Array, capacity: int, *,
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   expert = jnp.argmax(probs, axis=-1)[..., None]  # [G, S, 1]
   weight = jnp.take_along_axis(probs, expert, axis=-1)
-  return _token_choice_routing(
+  return token_choice_routing(
       probs, expert, weight, jnp.ones_like(expert, bool), capacity,
-      aux_loss=_switch_aux_loss(probs, expert),
+      aux_loss=switch_aux_loss(probs, expert),
       priority=weight[..., 0] if batch_prioritized else None)
 
 
@@ -315,9 +315,9 @@ def gshard_top2(logits: jax.Array, capacity: int,
     keep2 = 2.0 * g2 > jax.random.uniform(rng, g2.shape)
   expert = jnp.stack([e1, e2], axis=-1)
   valid = jnp.stack([jnp.ones_like(keep2), keep2], axis=-1)
-  return _token_choice_routing(
+  return token_choice_routing(
       probs, expert, jnp.stack([g1, g2], axis=-1), valid, capacity,
-      aux_loss=_switch_aux_loss(probs, e1[..., None]))
+      aux_loss=switch_aux_loss(probs, e1[..., None]))
 
 
 def topk(logits: jax.Array, capacity: int, num_selected: int, *,
@@ -337,9 +337,9 @@ def topk(logits: jax.Array, capacity: int, num_selected: int, *,
   weight, expert = jax.lax.top_k(probs, num_selected)
   if normalize_weights:
     weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
-  return _token_choice_routing(
+  return token_choice_routing(
       probs, expert, weight, jnp.ones_like(expert, bool), capacity,
-      aux_loss=_switch_aux_loss(probs, expert),
+      aux_loss=switch_aux_loss(probs, expert),
       priority=weight[..., 0] if batch_prioritized else None)
 
 
@@ -390,7 +390,7 @@ def noisy_topk(logits: jax.Array, noise_logits: jax.Array, capacity: int,
   load = jnp.sum(p_in, axis=1)  # [G, E]
   aux = _cv_squared(importance) + _cv_squared(load)
   probs = jax.nn.softmax(logits, axis=-1)
-  return _token_choice_routing(
+  return token_choice_routing(
       probs, expert, weight, jnp.ones_like(expert, bool), capacity,
       aux_loss=aux)
 
@@ -432,7 +432,7 @@ def hash_top1(expert_index: jax.Array, num_experts: int,
   """
   probs = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
   ones = jnp.ones(expert_index.shape + (1,), jnp.float32)
-  return _token_choice_routing(probs, expert_index[..., None], ones,
+  return token_choice_routing(probs, expert_index[..., None], ones,
                                ones > 0, capacity, jnp.zeros((), jnp.float32))
 
 
@@ -447,8 +447,10 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 # "soft" has no token routing: switchjax/soft_moe.py mixes tokens into slots.
 # "hash" routes by token id (switchjax/hash_router.py, then `hash_top1`).
+# "loss_free" adds a balancing bias to the scores it ranks by
+# (switchjax/loss_free.py: the bias lives in the train state).
 ROUTERS = ("switch", "gshard", "expert_choice", "topk", "noisy_topk", "soft",
-           "hash")
+           "hash", "loss_free")
 SECOND_EXPERT_POLICIES = ("all", "random")
 # Experts each token is sent to, for routers whose K is fixed by the algorithm
 # (expert choice: 1, there the capacity factor is the mean experts per token).
@@ -494,4 +496,7 @@ def route(router: str, logits: jax.Array, capacity: int, *,
                      "switchjax.soft_moe.SoftMoeLayer's slots")
   if router == "hash":
     raise ValueError("router 'hash' routes token ids, not logits: hash_top1")
+  if router == "loss_free":
+    raise ValueError("router 'loss_free' also needs its balancing bias: "
+                     "switchjax.loss_free.topk")
   raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")

@@ -27,6 +27,7 @@ from switchjax import exact_match as exact_match_lib
 from switchjax import faults
 from switchjax import freeze
 from switchjax import init_from
+from switchjax import loss_free
 from switchjax import losses
 from switchjax import memory_plan
 from switchjax import model as model_lib
@@ -56,6 +57,14 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
   (total, (ce, aux)), grads = grad_fn(model, batch)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  balance = {}
+  if aux.metrics is not None and loss_free.has_biases(params):
+    # Loss-free balancing: the bias steps toward equal load, outside the
+    # gradient, from this step's loads.
+    params = loss_free.update_biases(params, aux.metrics.expert_load,
+                                     aux.layer_names,
+                                     config.moe.bias_update_rate)
+    balance = loss_free.metrics(params, aux.metrics.expert_load)
   # Of the parameters that train: frozen ones' gradients are then unused.
   grad_norm = optax.tree.norm(freeze.trainable(grads, config.train.freeze))
   param_norm = optax.tree.norm(params)
@@ -77,7 +86,7 @@ def _train_step(state, rng_state, batch, *, config, graphdef, tx, base_key,
              "grad_norm": grad_norm, "param_norm": param_norm,
              "skipped_steps": skipped, "finite": finite,
              **{k: ce[k] for k in ("distill_loss",) if k in ce},
-             **losses.router_metrics(aux)}
+             **losses.router_metrics(aux), **balance}
   new_state = {"step": state["step"] + 1, "params": params,
                "opt_state": opt_state, "skipped_steps": skipped}
   return new_state, metrics

@@ -65,6 +65,16 @@ def _check_model(config) -> None:
   if m.arch == "encoder_decoder" and m.num_encoder_layers < 1:
     raise ConfigError("model.num_encoder_layers must be >= 1 in an "
                       f"encoder_decoder, got {m.num_encoder_layers}")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads="
+        f"{m.num_heads}: each key/value head serves num_heads / num_kv_heads "
+        "query heads")
+  if m.position_embedding == "rope":
+    if m.head_dim % 2:
+      raise ConfigError(f"model.position_embedding='rope' rotates pairs of "
+                        f"dims: model.head_dim must be even, got {m.head_dim}")
+    return  # the relative-bias keys below are unused
   # attention.relative_position_bucket: a bidirectional (encoder) stack splits
   # the buckets between the two directions; each direction keeps half of its
   # buckets for exact offsets (max_exact) and log-spaces the rest up to
@@ -96,6 +106,13 @@ def _check_moe(config) -> None:
   lengths = ({"encoder": d.inputs_length, "decoder": d.targets_length}
              if config.model.arch == "encoder_decoder"
              else {"decoder": d.seq_length})
+  granular = e.expert_granularity > 1 or e.num_shared_experts > 0
+  width = e.d_ff if e.d_ff > 0 else config.model.d_ff
+  if width % e.expert_granularity:
+    raise ConfigError(
+        f"moe.expert_granularity={e.expert_granularity} does not divide the "
+        f"experts' d_ff {width}: each expert splits into experts of width "
+        "d_ff / granularity")
   for stack in lengths:
     router = model.stack_router(e, stack)
     key = f"moe.{stack}_router" if e[f"{stack}_router"] else "moe.router"
@@ -105,6 +122,16 @@ def _check_moe(config) -> None:
       raise ConfigError(
           f"{key}={router!r} sends each token to K={k} experts{chosen}, more "
           f"than moe.num_experts={e.num_experts}")
+    if granular and router in routing.FIXED_K:
+      raise ConfigError(
+          f"moe.expert_granularity / moe.num_shared_experts choose "
+          f"granularity x K experts per token: {key}={router!r} fixes its K; "
+          "use 'topk', 'noisy_topk' or 'loss_free'")
+    if granular and model.routed_shape(e, router)[1] < 1:
+      raise ConfigError(
+          f"moe.num_shared_experts={e.num_shared_experts} takes all of the "
+          f"{e.expert_granularity * k} experts per token (granularity x "
+          "moe.num_selected): none would be routed")
     if stack == "decoder" and not routing.is_causal(router,
                                                     e.batch_prioritized):
       prefix = "" if e.batch_prioritized else f"{key}: "

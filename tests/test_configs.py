@@ -188,6 +188,17 @@ PAPER = {
         "moe.router": "topk", "moe.num_selected": 2,
         "moe.train_capacity_factor": 1.25, "moe.eval_capacity_factor": 2.0,
         "moe.aux_loss_coef": 1e-2, "moe.z_loss_coef": 1e-3},
+    # Jiang et al. 2024 and mistralai/Mixtral-8x7B-v0.1's config.json.
+    "mixtral": {
+        "model.arch": "decoder_only", "model.vocab_size": 32000,
+        "model.d_model": 4096, "model.d_ff": 14336, "model.num_heads": 32,
+        "model.num_kv_heads": 8, "model.head_dim": 128,
+        "model.num_decoder_layers": 32, "model.activation": "swiglu",
+        "model.position_embedding": "rope", "model.rope_theta": 1e6,
+        "model.norm_epsilon": 1e-5, "model.attention_window": 0,
+        "model.tie_embeddings": False, "moe.num_experts": 8,
+        "moe.sparse_every": 1, "moe.router": "topk", "moe.num_selected": 2,
+        "moe.normalize_weights": True, "moe.dispatch": "dropless"},
 }
 
 
@@ -222,6 +233,18 @@ PAPER_PARAMS = {
     "gshard": 600e9,  # Lepikhin et al. Table 1
     "st_moe": 269e9,  # Zoph et al.: ST-MoE-32B
 }
+
+
+# Within 1 %, total and active: Jiang et al. 2024, "46.7B total, 12.9B active".
+PAPER_PARAMS_1PCT = {"mixtral": (46.7e9, 12.9e9)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_1PCT))
+def test_total_and_active_parameters_match_the_paper(name):
+  total, active = counts(name)
+  want_total, want_active = PAPER_PARAMS_1PCT[name]
+  assert total == pytest.approx(want_total, rel=0.01)
+  assert active == pytest.approx(want_active, rel=0.01)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))

@@ -31,9 +31,19 @@ def small(name, preset="tiny", arch=None, **moe):
   return c
 
 
+def mistral_blocks():
+  """Mixtral's tiny preset with a window shorter than the decode, one
+  key/value head for the two query heads: RoPE, GQA and the window cached."""
+  c = small("mixtral")
+  c.model.attention_window = 4
+  c.model.num_kv_heads = 1
+  return c
+
+
 MODELS = {
     # name: config; decoder-only and encoder-decoder, dense and sparse
-    # (top-1, top-2, hash routing; expert choice and Soft MoE in the encoder).
+    # (top-1, top-2, hash routing; expert choice and Soft MoE in the encoder;
+    # Mixtral's blocks).
     "decoder_only_dense": lambda: small("t5_base", arch="decoder_only"),
     "decoder_only_switch": lambda: small("switch_base", arch="decoder_only"),
     "decoder_only_top2": lambda: small("gshard", arch="decoder_only"),
@@ -43,6 +53,7 @@ MODELS = {
     "decoder_only_hash": lambda: small("switch_base", arch="decoder_only",
                                        router="hash"),
     "encoder_decoder_soft": lambda: small("switch_base", encoder_router="soft"),
+    "decoder_only_mixtral": mistral_blocks,
 }
 
 

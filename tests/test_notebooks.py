@@ -59,10 +59,13 @@ def test_saved_without_outputs(name):
 
 def test_routing_notebook(tmp_path):
   nb = execute("routing.ipynb", tmp_path)
-  assert len(outputs(nb, "image/png")) == 4
+  assert len(outputs(nb, "image/png")) == 5
   table = "".join(outputs(nb, "stream"))
-  for router in ("switch top-1", "gshard top-2", "expert choice"):
+  for router in ("switch top-1", "gshard top-2", "expert choice", "hash",
+                 "loss-free top-2"):
     assert router in table
+  assert ("soft: every column of dispatch sums to 1.00, every row of combine "
+          "to 1.00") in table
   # Expert choice is balanced by construction: aux loss 0, every expert full.
   ec = next(line for line in table.splitlines()
             if line.startswith("expert choice"))
