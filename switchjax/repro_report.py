@@ -368,7 +368,12 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
         + ("kept fraction of the teacher's gain per seed: "
            + ", ".join(f"{k:.2f}" for k in kept) + " (Switch Table 6: ~0.3)."
            if kept else "the teacher does not beat dense in every seed, so "
-           "the fraction of its gain kept (Switch Table 6) is undefined here."))
+           "the fraction of its gain kept (Switch Table 6) is undefined here.")
+        + " The student starts from the teacher's trained non-expert "
+        "weights, as Switch's does, so it has the protocol's training twice: "
+        "its lead over dense is that head start and the teacher's targets "
+        "together (no same-start run without the teacher's targets is "
+        "trained to tell them apart).")
   out += _finetuning_lines(results)
   sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
            "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
