@@ -32,6 +32,8 @@ def short(config, steps=3):
   c.train.batch_size = 8
   c.moe.group_size = 64
   c.train.num_steps = steps
+  if c.train.schedule == "cosine":  # it decays to 0 at num_steps, after warm-up
+    c.train.warmup_steps = min(c.train.warmup_steps, steps - 1)
   c.train.log_every = 1
   c.train.eval_every = steps
   c.train.eval_steps = 1
