@@ -89,6 +89,9 @@ CELLS: dict[str, dict[str, Any]] = {
     "dense_cont": {"moe.num_experts": 0},
     "upcycled": TOP2,
     "distilled": DISTILL,  # + train.distill_from: `cell_overrides`
+    # The student's start without the teacher's targets (alpha 0): what the
+    # teacher's non-expert weights alone give it.
+    "distill_start": {**DISTILL, "train.distill_alpha": 0.0},
     "ft_dense": {**FINETUNE, "moe.num_experts": 0},
     "ft_switch": FINETUNE,
     "ft_switch_ed": {**FINETUNE, "moe.expert_dropout": 0.4},  # Switch Table 4
@@ -120,7 +123,7 @@ def cell_overrides(cell: str, steps: int, seed: int = 0,
     n = max(2, steps // STRESS_FRACTION)
     out.update({"train.num_steps": n, "train.warmup_steps": n // 10,
                 "train.eval_every": n, "train.checkpoint_every": n})
-  elif cell == "distilled":
+  elif cell in ("distilled", "distill_start"):
     out["train.distill_from"] = os.path.join(workdir, run_name("switch", seed))
   elif cell in FT_SOURCES:
     n = max(2, steps // FT_FRACTION)
@@ -367,6 +370,16 @@ def analyse_j(runs: Runs, seeds: Sequence[int]) -> dict:
   out["kept_fraction"] = ([float((d - x) / g) for d, x, g in
                            zip(dense, student, gains)]
                           if all(g > 0 for g in gains) else None)
+  # The student starts from the teacher's trained non-expert weights: the
+  # same start trained on the labels alone separates the targets' effect.
+  try:
+    alone = _pair("j", runs, seeds, "distilled", "distill_start",
+                  "eval loss, distilled - same start without the teacher")
+    out["targets_effect"] = {k: alone[k] for k in (
+        "per_seed_difference", "mean_difference", "interval_95", "verdict")}
+    out["values"]["distill_start"] = alone["values"]["distill_start"]
+  except Missing:
+    out["targets_effect"] = None
   return out
 
 
@@ -531,7 +544,8 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in (
                                              "ft_only_non_moe")), analyse_i),
     Finding("j", "A dense student distilled from a Switch teacher beats the "
             "dense model trained alone (Switch §5, Table 6: ~30 % of the "
-            "teacher's gain kept)", (("dense", "switch"), ("distilled",)),
+            "teacher's gain kept)", (("dense", "switch"),
+                                     ("distilled", "distill_start")),
             analyse_j),
     Finding("k", "Fine-tuned on a small task, a sparse model overfits more "
             "than a dense one pre-trained as long (Switch §4.1)",

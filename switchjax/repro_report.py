@@ -369,11 +369,7 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
            + ", ".join(f"{k:.2f}" for k in kept) + " (Switch Table 6: ~0.3)."
            if kept else "the teacher does not beat dense in every seed, so "
            "the fraction of its gain kept (Switch Table 6) is undefined here.")
-        + " The student starts from the teacher's trained non-expert "
-        "weights, as Switch's does, so it has the protocol's training twice: "
-        "its lead over dense is that head start and the teacher's targets "
-        "together (no same-start run without the teacher's targets is "
-        "trained to tell them apart).")
+        + _targets_effect(j))
   out += _finetuning_lines(results)
   sides = {"f": {"stable": "float32 router", "unstable": "bfloat16 router"},
            "g": {"stable": "init 0.1", "unstable": "init 1.0"}}
@@ -405,6 +401,22 @@ def _details(results: dict[str, dict], bench: dict) -> list[str]:
 def _em(r: dict, cell: str) -> str:
   """Mean exact match of a fine-tuning cell, in %."""
   return f"{100 * np.mean(r['exact_match'][cell]):.1f} %"
+
+
+def _targets_effect(j: dict) -> str:
+  """What the teacher's soft targets add beyond the student's head start."""
+  head = (" The student starts from the teacher's trained non-expert weights,"
+          " as Switch's does, so it has the protocol's training twice")
+  t = j.get("targets_effect")
+  if not t:
+    return head + ("; no run from that start without the teacher's targets "
+                   "is in the workdir to tell the two apart.")
+  lo, hi = t["interval_95"]
+  return (head + f": from that start on the labels alone (alpha 0) the mean "
+          f"eval loss is {np.mean(j['values']['distill_start']):.4f}, and the "
+          f"teacher's targets change it by {t['mean_difference']:+.4f} "
+          f"[{lo:+.4f}, {hi:+.4f}] ({t['verdict']}; per seed "
+          + ", ".join(f"{x:+.4f}" for x in t["per_seed_difference"]) + ").")
 
 
 def _finetuning_lines(results: dict[str, dict]) -> list[str]:

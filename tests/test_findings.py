@@ -180,9 +180,22 @@ def test_j_distillation_keeps_a_fraction_of_the_teachers_gain():
   assert r["per_seed_difference"] == pytest.approx([-0.06, -0.05, -0.07])
   assert r["verdict"] == "agrees"
   assert r["kept_fraction"] == pytest.approx([0.3, 0.25, 0.35])  # by hand
+  assert r["targets_effect"] is None  # no same-start run: nothing to say
   # A teacher no better than dense in some seed: no fraction.
   runs[("switch", 1)] = F.Run(eval_loss=5.2)
   assert F.analyse_j(runs, SEEDS)["kept_fraction"] is None
+
+
+def test_j_separates_the_teachers_targets_from_the_students_head_start():
+  runs = _runs({"dense": [5.0, 5.1, 5.2], "switch": [4.8, 4.9, 5.0],
+                "distilled": [4.7, 4.8, 4.9],
+                "distill_start": [4.72, 4.79, 4.95]})
+  t = F.analyse_j(runs, SEEDS)["targets_effect"]
+  assert t["per_seed_difference"] == pytest.approx([-0.02, 0.01, -0.05])
+  assert t["verdict"] == "inconclusive"  # the sign changes with the seed
+  out = F.cell_overrides("distill_start", 600, seed=1, workdir="DIR")
+  assert out["train.distill_from"] == "DIR/switch_s1"
+  assert out["train.distill_alpha"] == 0.0 and out["train.distill_init"]
 
 
 def test_j_student_starts_from_the_seeds_switch_run():
